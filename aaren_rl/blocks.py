@@ -1,0 +1,202 @@
+"""Blocks and backbones: one interface for Aaren and for the causal Transformer.
+
+Every block has ``forward(x, padding_mask)`` (parallel, training), ``init_state(batch)`` and
+``step(x, state) -> (y, state)`` (recurrent, acting). An Aaren block's state is constant in size;
+a Transformer block's state is a key/value cache that grows with every token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layer import Aaren, AarenState, _check_rows, check_padding_mask, check_tokens
+
+
+class MLP(nn.Module):
+    def __init__(self, embed_dim: int, dropout: float):
+        super().__init__()
+        self.fc = nn.Linear(embed_dim, 4 * embed_dim)
+        self.proj = nn.Linear(4 * embed_dim, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Causal self-attention with a key/value cache
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every token seen, (batch, heads, seq, head_dim), and which are valid.
+
+    ``valid`` (batch, seq) is False for entries dropped by ``reset`` (a row that began a new
+    episode keeps its slots but no longer attends to them). It grows by one entry per token.
+    """
+
+    k: Tensor
+    v: Tensor
+    valid: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
+
+    def reset(self, rows: Tensor) -> "KVCache":
+        rows = _check_rows(rows, self.batch_size, self.k.device)
+        return KVCache(self.k, self.v, self.valid & ~rows.unsqueeze(-1))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.valid))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
+        self.out = nn.Linear(embed_dim, embed_dim)
+        self.attn_dropout = dropout
+
+    def _heads(self, x: Tensor):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(self.embed_dim, dim=-1)
+        return [t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v)]  # (B, H, T, Dh)
+
+    def _merge(self, y: Tensor) -> Tensor:
+        B, H, T, Dh = y.shape
+        return self.out(y.transpose(1, 2).reshape(B, T, H * Dh))
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        q, k, v = self._heads(x)
+        dropout = self.attn_dropout if self.training else 0.0
+        if padding_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            T = x.shape[1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            # a query may always see itself, so that a padded query has no empty row (NaN)
+            allowed = (causal & ~padding_mask[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        return self._merge(y)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> KVCache:
+        p = self.qkv.weight
+        device, dtype = device or p.device, dtype or p.dtype
+        empty = torch.zeros(batch_size, self.num_heads, 0, self.head_dim, device=device, dtype=dtype)
+        return KVCache(empty, empty.clone(), torch.zeros(batch_size, 0, dtype=torch.bool, device=device))
+
+    def step(self, x: Tensor, cache: KVCache) -> tuple[Tensor, KVCache]:
+        """x (B, t, E): append the t new keys/values and attend causally over the whole cache."""
+        q, k, v = self._heads(x)
+        t = x.shape[1]
+        k = torch.cat([cache.k, k], dim=2)
+        v = torch.cat([cache.v, v], dim=2)
+        valid = torch.cat([cache.valid, torch.ones(x.shape[0], t, dtype=torch.bool, device=x.device)], dim=1)
+        T = k.shape[2]
+        causal = torch.ones(t, T, dtype=torch.bool, device=x.device).tril(diagonal=T - t)
+        allowed = causal & valid[:, None, None, :]  # (B, 1, t, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self._merge(y), KVCache(k, v, valid)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks: norm, mixer, residual, norm, feed-forward, residual (pre-norm, as GPT-2 and DT)
+
+
+class Block(nn.Module):
+    """A pre-norm residual block around a sequence mixer (Aaren or causal self-attention)."""
+
+    def __init__(self, mixer: nn.Module, embed_dim: int, dropout: float):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(embed_dim)
+        self.mixer = mixer
+        self.ln_2 = nn.LayerNorm(embed_dim)
+        self.mlp = MLP(embed_dim, dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        x = x + self.dropout(self.mixer(self.ln_1(x), padding_mask=padding_mask))
+        return x + self.mlp(self.ln_2(x))
+
+    def init_state(self, batch_size: int, device=None, dtype=None):
+        return self.mixer.init_state(batch_size, device=device, dtype=dtype)
+
+    def step(self, x: Tensor, state):
+        """x (B, t, E): the chunk's outputs and the new state."""
+        h, state = self.mixer.step(self.ln_1(x), state)
+        x = x + self.dropout(h)
+        return x + self.mlp(self.ln_2(x)), state
+
+
+class AarenBlock(Block):
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__(Aaren(embed_dim, num_heads), embed_dim, dropout)
+
+
+class TransformerBlock(Block):
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__(CausalSelfAttention(embed_dim, num_heads, dropout), embed_dim, dropout)
+
+
+BLOCKS = {"aaren": AarenBlock, "transformer": TransformerBlock}
+
+
+class Backbone(nn.Module):
+    """A stack of blocks of one kind (``"aaren"`` or ``"transformer"``) and a final LayerNorm.
+
+    ``forward`` runs whole sequences in parallel; ``init_state``/``step``/``reset_state`` run the
+    same function token by token (or chunk by chunk) with one state per layer.
+    """
+
+    def __init__(self, kind: str, n_layer: int, embed_dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if kind not in BLOCKS:
+            raise ValueError(f"backbone kind must be one of {sorted(BLOCKS)}, got {kind!r}")
+        if n_layer <= 0:
+            raise ValueError(f"n_layer must be positive, got {n_layer}")
+        self.kind, self.embed_dim = kind, embed_dim
+        self.blocks = nn.ModuleList(BLOCKS[kind](embed_dim, num_heads, dropout) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        check_tokens("x", x, self.embed_dim)
+        padding_mask = check_padding_mask(padding_mask, x)
+        for block in self.blocks:
+            x = block(x, padding_mask)
+        return self.ln_f(x)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> list:
+        return [b.init_state(batch_size, device=device, dtype=dtype) for b in self.blocks]
+
+    def step(self, x: Tensor, state: list) -> tuple[Tensor, list]:
+        """x (B, E) or (B, t, E) new tokens -> their outputs and the new per-layer states."""
+        check_tokens("x", x, self.embed_dim, ranks=(2, 3))
+        if not isinstance(state, list) or len(state) != len(self.blocks):
+            raise ValueError(f"state must be the list of {len(self.blocks)} per-layer states from init_state")
+        single = x.dim() == 2
+        h = x.unsqueeze(1) if single else x
+        new_state = []
+        for block, s in zip(self.blocks, state):
+            if s.batch_size != h.shape[0]:
+                raise ValueError(f"state has batch size {s.batch_size}, x has {h.shape[0]}")
+            h, s = block.step(h, s)
+            new_state.append(s)
+        h = self.ln_f(h)
+        return (h.squeeze(1) if single else h), new_state
+
+    @staticmethod
+    def reset_state(state: list, rows: Tensor) -> list:
+        """Empty the rows of every layer's state where ``rows`` (bool, (batch,)) is True."""
+        return [s.reset(rows) for s in state]
+
+
+__all__ = ["AarenBlock", "AarenState", "Backbone", "Block", "CausalSelfAttention", "KVCache", "TransformerBlock"]

@@ -1,0 +1,44 @@
+"""The ``aaren-rl`` command line: ``collect``, ``train``, ``evaluate``, ``bench``, ``demo``.
+
+Each subcommand lives in its own module with ``add_arguments(parser)`` and ``run(args)``; this
+module only dispatches. ``python -m aaren_rl`` is the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "collect": "collect data with Stable-Baselines3 and write Minari / D4RL-format datasets",
+    "train": "train an agent on an offline dataset",
+    "evaluate": "evaluate a checkpoint in a gymnasium environment",
+    "bench": "benchmarks: Aaren vs Transformer speed and memory",
+    "demo": "the main job: collect, train, evaluate and plot on a quick environment",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aaren-rl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(f"aaren_rl.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"aaren_rl.cli.{name}":
+                raise
+            continue  # not written yet
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Aaren: attention as a recurrent network (Feng et al., 2024).
+
+One head of Aaren is softmax attention with a *learned* query ``q`` over the tokens seen so far.
+Each token i contributes a triple ``(m_i, u_i, w_i) = (s_i, 1, v_i)`` with score
+``s_i = q . k_i / sqrt(d)``; prefix outputs are ``o_k = w_k / u_k`` where the triples are folded
+with one associative operator (``combine`` below). The parallel form (``Aaren.forward``) folds
+all prefixes at once with ``prefix_scan``; the recurrent form (``Aaren.step``) folds new tokens
+into a state of constant size. Both call the same ``combine``: that is why they agree.
+
+Why a chunked scan: inside a chunk of C tokens all prefixes are computed densely as one masked
+(C x C) weight matrix times the values (a matrix product, which CPUs and GPUs run well); the
+chunks' totals are then scanned the same way (recursively), and each chunk's prefixes are
+combined with the total of the chunks before it. Work is O(N C), the number of sequential steps
+O(log_C N), and memory O(N C) for the weights instead of Hillis-Steele's O(N log N) copies of the
+values. Every exponent is taken relative to a running max, so scores of any magnitude are safe.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NEG_INF = float("-inf")
+SCAN_CHUNK = 64
+
+
+# ----------------------------------------------------------------------------------------------
+# The combine rule, written once
+
+
+def _exp_shift(m: Tensor, ref: Tensor) -> Tensor:
+    """exp(m - ref), with an empty reference (-inf) treated as 0 so that -inf - -inf gives 0, not NaN."""
+    ref = torch.where(torch.isneginf(ref), torch.zeros_like(ref), ref)
+    return torch.exp(m - ref)
+
+
+def combine(a: tuple[Tensor, Tensor, Tensor], b: tuple[Tensor, Tensor, Tensor]):
+    """(m_a, u_a, w_a) (+) (m_b, u_b, w_b): the triple of ``a``'s tokens followed by ``b``'s.
+
+    m, u have shape (...), w has shape (..., d). (-inf, 0, 0) is the identity.
+    """
+    (ma, ua, wa), (mb, ub, wb) = a, b
+    m = torch.maximum(ma, mb)
+    ea, eb = _exp_shift(ma, m), _exp_shift(mb, m)
+    return m, ua * ea + ub * eb, wa * ea.unsqueeze(-1) + wb * eb.unsqueeze(-1)
+
+
+def _dense_prefix(m: Tensor, u: Tensor, w: Tensor):
+    """All prefixes along dim -1 (length C) at once: a masked (C x C) weight matrix times (u, w)."""
+    C = m.shape[-1]
+    run_max = torch.cummax(m, dim=-1).values  # (..., C)
+    ref = torch.where(torch.isneginf(run_max), torch.zeros_like(run_max), run_max)
+    causal = torch.ones(C, C, dtype=torch.bool, device=m.device).tril()  # [k, i]: i <= k
+    # mask before exp so that no inf appears (exp(inf) * 0 would give NaN gradients)
+    logits = torch.where(causal, m.unsqueeze(-2) - ref.unsqueeze(-1), NEG_INF)  # (..., C_k, C_i)
+    weights = torch.exp(logits)
+    prefix_u = (weights @ u.unsqueeze(-1)).squeeze(-1)  # (..., C)
+    prefix_w = weights @ w  # (..., C, d)
+    return run_max, prefix_u, prefix_w
+
+
+def prefix_scan(m: Tensor, u: Tensor, w: Tensor, chunk: int = SCAN_CHUNK):
+    """Inclusive prefix fold of triples along the sequence dim: m, u (..., N), w (..., N, d)."""
+    N = m.shape[-1]
+    if N <= chunk:
+        return _dense_prefix(m, u, w)
+    n_chunks = -(-N // chunk)
+    pad = n_chunks * chunk - N
+    if pad:  # pad with the identity, which changes no prefix
+        m = F.pad(m, (0, pad), value=NEG_INF)
+        u = F.pad(u, (0, pad))
+        w = F.pad(w, (0, 0, 0, pad))
+    lead = m.shape[:-1]
+    d = w.shape[-1]
+    pm, pu, pw = _dense_prefix(
+        m.reshape(*lead, n_chunks, chunk), u.reshape(*lead, n_chunks, chunk),
+        w.reshape(*lead, n_chunks, chunk, d),
+    )
+    # totals of each chunk, scanned (recursively) across chunks, then shifted: what came before
+    tm, tu, tw = prefix_scan(pm[..., -1], pu[..., -1], pw[..., -1, :], chunk)
+    tm = F.pad(tm[..., :-1], (1, 0), value=NEG_INF)
+    tu = F.pad(tu[..., :-1], (1, 0))
+    tw = F.pad(tw[..., :-1, :], (0, 0, 1, 0))
+    om, ou, ow = combine((tm.unsqueeze(-1), tu.unsqueeze(-1), tw.unsqueeze(-2)), (pm, pu, pw))
+    om = om.reshape(*lead, n_chunks * chunk)[..., :N]
+    ou = ou.reshape(*lead, n_chunks * chunk)[..., :N]
+    ow = ow.reshape(*lead, n_chunks * chunk, d)[..., :N, :]
+    return om, ou, ow
+
+
+def _readout(u: Tensor, w: Tensor) -> Tensor:
+    """o = w / u; an empty prefix (u = 0: only padding so far) reads out as 0."""
+    empty = u == 0
+    return torch.where(empty.unsqueeze(-1), 0.0, w / torch.where(empty, 1.0, u).unsqueeze(-1))
+
+
+# ----------------------------------------------------------------------------------------------
+# The recurrent state
+
+
+@dataclass
+class AarenState:
+    """(m, u, w) per batch row and head: m, u (batch, heads), w (batch, heads, head_dim).
+
+    Its size never depends on how many tokens were folded in.
+    """
+
+    m: Tensor
+    u: Tensor
+    w: Tensor
+
+    @classmethod
+    def empty(cls, batch_size: int, num_heads: int, head_dim: int, device=None, dtype=None):
+        dtype = dtype or torch.get_default_dtype()
+        return cls(
+            m=torch.full((batch_size, num_heads), NEG_INF, device=device, dtype=dtype),
+            u=torch.zeros(batch_size, num_heads, device=device, dtype=dtype),
+            w=torch.zeros(batch_size, num_heads, head_dim, device=device, dtype=dtype),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.m.shape[0]
+
+    def reset(self, rows: Tensor) -> "AarenState":
+        """A new state whose rows where ``rows`` (bool, (batch,)) is True are empty again."""
+        rows = _check_rows(rows, self.batch_size, self.m.device)
+        r = rows.unsqueeze(-1)
+        return AarenState(
+            m=self.m.masked_fill(r, NEG_INF),
+            u=self.u.masked_fill(r, 0.0),
+            w=self.w.masked_fill(r.unsqueeze(-1), 0.0),
+        )
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.m, self.u, self.w))
+
+
+def _check_rows(rows, batch_size: int, device) -> Tensor:
+    rows = torch.as_tensor(rows, device=device)
+    if rows.dtype != torch.bool or rows.shape != (batch_size,):
+        raise ValueError(
+            f"rows must be a bool tensor of shape ({batch_size},), got {tuple(rows.shape)} {rows.dtype}"
+        )
+    return rows
+
+
+def check_tokens(name: str, x: Tensor, width: int, ranks=(3,)) -> None:
+    """Shared input checks for the layer and the blocks: a clear ValueError naming the argument."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() not in ranks:
+        want = " or ".join(f"{r}-d" for r in ranks)
+        raise ValueError(f"{name} must be {want} (batch, [seq,] {width}), got shape {tuple(x.shape)}")
+    if x.shape[-1] != width:
+        raise ValueError(f"{name} has width {x.shape[-1]} in its last dim, expected {width}")
+    if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_padding_mask(padding_mask, x: Tensor):
+    if padding_mask is None:
+        return None
+    if not isinstance(padding_mask, Tensor) or padding_mask.shape != x.shape[:2]:
+        shape = tuple(padding_mask.shape) if isinstance(padding_mask, Tensor) else type(padding_mask).__name__
+        raise ValueError(f"padding_mask must have shape (batch, seq) = {tuple(x.shape[:2])}, got {shape}")
+    if padding_mask.dtype != torch.bool:
+        raise ValueError(f"padding_mask must be a bool tensor (True = padding), got {padding_mask.dtype}")
+    return padding_mask
+
+
+# ----------------------------------------------------------------------------------------------
+# The layer
+
+
+class Aaren(nn.Module):
+    """Multi-head Aaren attention: a learned query per head, key/value/output projections.
+
+    ``forward`` computes every prefix output in parallel; ``step`` folds new tokens into a
+    constant-size ``AarenState``. ``y[:, k]`` attends to tokens ``0..k`` inclusive.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int = 1, bias: bool = True, scan_chunk: int = SCAN_CHUNK):
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        self.scan_chunk = scan_chunk
+        # the RNN's "initial hidden state": one query per head, not computed from the input
+        self.query = nn.Parameter(torch.randn(num_heads, self.head_dim) * 0.02)
+        self.kv = nn.Linear(embed_dim, 2 * embed_dim, bias=bias)
+        self.out = nn.Linear(embed_dim, embed_dim, bias=bias)
+
+    def _tokens(self, x: Tensor):
+        """Per-head token triples of x (batch, seq, E): scores (B, H, T) and values (B, H, T, Dh)."""
+        B, T, _ = x.shape
+        k, v = self.kv(x).split(self.embed_dim, dim=-1)
+        k = k.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        s = (k * self.query.unsqueeze(1)).sum(-1) / math.sqrt(self.head_dim)  # (B, H, T)
+        return s, v
+
+    def _output(self, u: Tensor, w: Tensor) -> Tensor:
+        B, H, T, Dh = w.shape
+        o = _readout(u, w).transpose(1, 2).reshape(B, T, self.embed_dim)  # (B, T, E)
+        return self.out(o)
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """x (batch, seq, embed_dim) -> y of the same shape; padding (True) contributes nothing."""
+        check_tokens("x", x, self.embed_dim)
+        padding_mask = check_padding_mask(padding_mask, x)
+        s, v = self._tokens(x)
+        u = torch.ones_like(s)
+        if padding_mask is not None:
+            pad = padding_mask.unsqueeze(1)  # (B, 1, T)
+            s = s.masked_fill(pad, NEG_INF)
+            u = u.masked_fill(pad, 0.0)
+            v = v.masked_fill(pad.unsqueeze(-1), 0.0)
+        _, u, w = prefix_scan(s, u, v, self.scan_chunk)
+        y = self._output(u, w)
+        if padding_mask is not None:
+            y = y.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        return y
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> AarenState:
+        p = self.query
+        return AarenState.empty(batch_size, self.num_heads, self.head_dim,
+                                device=device or p.device, dtype=dtype or p.dtype)
+
+    def step(self, x: Tensor, state: AarenState) -> tuple[Tensor, AarenState]:
+        """Fold one token (batch, E) or a chunk of t tokens (batch, t, E) into the state.
+
+        Returns the new tokens' outputs (same shape as x) and the new state.
+        """
+        check_tokens("x", x, self.embed_dim, ranks=(2, 3))
+        self._check_state(state, x.shape[0])
+        single = x.dim() == 2
+        s, v = self._tokens(x.unsqueeze(1) if single else x)  # (B, H, t), (B, H, t, Dh)
+        if s.shape[-1] == 1:
+            pm, pu, pw = s, torch.ones_like(s), v
+        else:
+            pm, pu, pw = prefix_scan(s, torch.ones_like(s), v, self.scan_chunk)
+        prev = (state.m.unsqueeze(-1), state.u.unsqueeze(-1), state.w.unsqueeze(-2))
+        m, u, w = combine(prev, (pm, pu, pw))
+        y = self._output(u, w)
+        new_state = AarenState(m[..., -1], u[..., -1], w[..., -1, :])
+        return (y.squeeze(1) if single else y), new_state
+
+    def _check_state(self, state, batch_size: int) -> None:
+        if not isinstance(state, AarenState):
+            raise ValueError(f"state must be an AarenState (from init_state), got {type(state).__name__}")
+        want = (batch_size, self.num_heads, self.head_dim)
+        if tuple(state.w.shape) != want or tuple(state.m.shape) != want[:2] or tuple(state.u.shape) != want[:2]:
+            raise ValueError(
+                f"state has w of shape {tuple(state.w.shape)}, expected (batch, heads, head_dim) = {want}"
+            )
