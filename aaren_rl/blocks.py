@@ -94,16 +94,21 @@ class CausalSelfAttention(nn.Module):
         empty = torch.zeros(batch_size, self.num_heads, 0, self.head_dim, device=device, dtype=dtype)
         return KVCache(empty, empty.clone(), torch.zeros(batch_size, 0, dtype=torch.bool, device=device))
 
-    def step(self, x: Tensor, cache: KVCache) -> tuple[Tensor, KVCache]:
-        """x (B, t, E): append the t new keys/values and attend causally over the whole cache."""
+    def step(self, x: Tensor, cache: KVCache, padding_mask: Tensor | None = None) -> tuple[Tensor, KVCache]:
+        """x (B, t, E): append the t new keys/values and attend causally over the whole cache.
+
+        Padding tokens (``padding_mask`` True) are stored as invalid: no later token attends to them.
+        """
         q, k, v = self._heads(x)
         t = x.shape[1]
         k = torch.cat([cache.k, k], dim=2)
         v = torch.cat([cache.v, v], dim=2)
-        valid = torch.cat([cache.valid, torch.ones(x.shape[0], t, dtype=torch.bool, device=x.device)], dim=1)
+        new_valid = torch.ones(x.shape[0], t, dtype=torch.bool, device=x.device) if padding_mask is None else ~padding_mask
+        valid = torch.cat([cache.valid, new_valid], dim=1)
         T = k.shape[2]
         causal = torch.ones(t, T, dtype=torch.bool, device=x.device).tril(diagonal=T - t)
-        allowed = causal & valid[:, None, None, :]  # (B, 1, t, T)
+        itself = F.pad(torch.eye(t, dtype=torch.bool, device=x.device), (T - t, 0))  # (t, T): no empty row
+        allowed = (causal & valid[:, None, None, :]) | itself  # (B, 1, t, T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self._merge(y), KVCache(k, v, valid)
 
@@ -130,9 +135,9 @@ class Block(nn.Module):
     def init_state(self, batch_size: int, device=None, dtype=None):
         return self.mixer.init_state(batch_size, device=device, dtype=dtype)
 
-    def step(self, x: Tensor, state):
-        """x (B, t, E): the chunk's outputs and the new state."""
-        h, state = self.mixer.step(self.ln_1(x), state)
+    def step(self, x: Tensor, state, padding_mask: Tensor | None = None):
+        """x (B, t, E): the chunk's outputs and the new state (padding tokens leave it unchanged)."""
+        h, state = self.mixer.step(self.ln_1(x), state, padding_mask=padding_mask)
         x = x + self.dropout(h)
         return x + self.mlp(self.ln_2(x)), state
 
@@ -177,18 +182,23 @@ class Backbone(nn.Module):
     def init_state(self, batch_size: int, device=None, dtype=None) -> list:
         return [b.init_state(batch_size, device=device, dtype=dtype) for b in self.blocks]
 
-    def step(self, x: Tensor, state: list) -> tuple[Tensor, list]:
-        """x (B, E) or (B, t, E) new tokens -> their outputs and the new per-layer states."""
+    def step(self, x: Tensor, state: list, padding_mask: Tensor | None = None) -> tuple[Tensor, list]:
+        """x (B, E) or (B, t, E) new tokens -> their outputs and the new per-layer states.
+
+        ``padding_mask`` ((B,) or (B, t), True = padding) marks tokens that change no state.
+        """
         check_tokens("x", x, self.embed_dim, ranks=(2, 3))
         if not isinstance(state, list) or len(state) != len(self.blocks):
             raise ValueError(f"state must be the list of {len(self.blocks)} per-layer states from init_state")
         single = x.dim() == 2
         h = x.unsqueeze(1) if single else x
+        if padding_mask is not None:
+            padding_mask = check_padding_mask(padding_mask.view(h.shape[0], -1), h)
         new_state = []
         for block, s in zip(self.blocks, state):
             if s.batch_size != h.shape[0]:
                 raise ValueError(f"state has batch size {s.batch_size}, x has {h.shape[0]}")
-            h, s = block.step(h, s)
+            h, s = block.step(h, s, padding_mask)
             new_state.append(s)
         h = self.ln_f(h)
         return (h.squeeze(1) if single else h), new_state

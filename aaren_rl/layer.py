@@ -232,19 +232,29 @@ class Aaren(nn.Module):
         return AarenState.empty(batch_size, self.num_heads, self.head_dim,
                                 device=device or p.device, dtype=dtype or p.dtype)
 
-    def step(self, x: Tensor, state: AarenState) -> tuple[Tensor, AarenState]:
+    def step(self, x: Tensor, state: AarenState, padding_mask: Tensor | None = None) -> tuple[Tensor, AarenState]:
         """Fold one token (batch, E) or a chunk of t tokens (batch, t, E) into the state.
 
-        Returns the new tokens' outputs (same shape as x) and the new state.
+        Returns the new tokens' outputs (same shape as x) and the new state. Tokens where
+        ``padding_mask`` ((batch,) or (batch, t), True = padding) is True leave the state as it is.
         """
         check_tokens("x", x, self.embed_dim, ranks=(2, 3))
         self._check_state(state, x.shape[0])
         single = x.dim() == 2
-        s, v = self._tokens(x.unsqueeze(1) if single else x)  # (B, H, t), (B, H, t, Dh)
+        if single:
+            x = x.unsqueeze(1)
+            padding_mask = None if padding_mask is None else padding_mask.unsqueeze(1)
+        padding_mask = check_padding_mask(padding_mask, x)
+        s, v = self._tokens(x)  # (B, H, t), (B, H, t, Dh)
+        if padding_mask is not None:
+            pad = padding_mask.unsqueeze(1)  # (B, 1, t)
+            s = s.masked_fill(pad, NEG_INF)
+            v = v.masked_fill(pad.unsqueeze(-1), 0.0)
+        u = torch.ones_like(s) if padding_mask is None else (~padding_mask).unsqueeze(1).to(s.dtype)
         if s.shape[-1] == 1:
-            pm, pu, pw = s, torch.ones_like(s), v
+            pm, pu, pw = s, u, v
         else:
-            pm, pu, pw = prefix_scan(s, torch.ones_like(s), v, self.scan_chunk)
+            pm, pu, pw = prefix_scan(s, u, v, self.scan_chunk)
         prev = (state.m.unsqueeze(-1), state.u.unsqueeze(-1), state.w.unsqueeze(-2))
         m, u, w = combine(prev, (pm, pu, pw))
         y = self._output(u, w)

@@ -97,3 +97,18 @@ def test_backbone_trains(kind):
         opt.step()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
     assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("kind", ["aaren", "transformer"])
+def test_padded_step_tokens_change_no_state(kind):
+    # a row whose first chunk token is padding (an episode that just began has no previous action)
+    net = make(kind, seed=3)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    pad = torch.tensor([[True, False, False], [False, False, False]])
+    with torch.no_grad():
+        _, state = net.step(x[:, :2], net.init_state(2))
+        state = net.reset_state(state, torch.tensor([True, False]))
+        y, state = net.step(x[:, 2:], state, padding_mask=pad)
+        assert torch.isfinite(y).all()
+        assert (y[0, 1:] - net(x[:1, 3:])[0]).abs().max() <= 1e-10  # as if the row began at token 3
+        assert (y[1] - net(x[1:])[0, 2:]).abs().max() <= 1e-10
