@@ -1,0 +1,133 @@
+"""Training batches from a dataset kept as flat tensors, built by tensor indexing alone.
+
+All episodes are concatenated into flat tensors (one row per step) with each episode's start
+offset and length. A batch is a gather with an index tensor of shape (B, L), so sampling runs on
+the dataset's device (move it once with ``.to(device)``) with no Python loop over batch items and
+no data-loader process.
+
+Padding is on the right: the real steps of a row come first, from its first timestep, and
+``padding_mask`` is True on the padded tail. Causal models (and Aaren's left-to-right scan) never
+see the padding from a real position; only the loss must ignore it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Batch:
+    """B rows of L steps. Observations normalized; returns-to-go raw; padding_mask True = padding."""
+
+    observations: torch.Tensor  # (B, L, obs_dim) float32
+    actions: torch.Tensor  # (B, L, act_dim) float32, or (B, L) int64 for discrete actions
+    returns_to_go: torch.Tensor  # (B, L) float32, undiscounted sum of rewards from t on
+    rewards: torch.Tensor  # (B, L) float32
+    timesteps: torch.Tensor  # (B, L) int64, t within the episode (0 on padding)
+    padding_mask: torch.Tensor  # (B, L) bool
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                        for f in fields(self)})
+
+
+@dataclass
+class FlatEpisodes:
+    """Every step of every episode, concatenated (N steps, E episodes)."""
+
+    observations: torch.Tensor  # (N, obs_dim) float32, raw
+    actions: torch.Tensor  # (N, act_dim) float32 or (N,) int64
+    rewards: torch.Tensor  # (N,)
+    returns_to_go: torch.Tensor  # (N,)
+    timesteps: torch.Tensor  # (N,) int64
+    step_episode: torch.Tensor  # (N,) int64, the episode each step belongs to
+    episode_start: torch.Tensor  # (E,) int64, offset of each episode's first step
+    episode_length: torch.Tensor  # (E,) int64
+    obs_mean: torch.Tensor  # (obs_dim,)
+    obs_std: torch.Tensor  # (obs_dim,)
+
+    @classmethod
+    def from_episodes(cls, episodes, obs_mean, obs_std) -> "FlatEpisodes":
+        lengths = np.array([len(ep) for ep in episodes], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        cat = lambda name: torch.from_numpy(np.concatenate([getattr(ep, name) for ep in episodes]))
+        return cls(
+            observations=cat("observations"),
+            actions=cat("actions"),
+            rewards=cat("rewards"),
+            returns_to_go=cat("returns_to_go"),
+            timesteps=torch.from_numpy(np.concatenate([np.arange(n) for n in lengths])),
+            step_episode=torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths)),
+            episode_start=torch.from_numpy(starts.astype(np.int64)),
+            episode_length=torch.from_numpy(lengths),
+            obs_mean=torch.from_numpy(np.asarray(obs_mean, dtype=np.float32)),
+            obs_std=torch.from_numpy(np.asarray(obs_std, dtype=np.float32)),
+        )
+
+    @property
+    def num_steps(self) -> int:
+        return self.rewards.shape[0]
+
+    @property
+    def num_episodes(self) -> int:
+        return self.episode_start.shape[0]
+
+    def to(self, device) -> "FlatEpisodes":
+        return FlatEpisodes(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def gather(self, start: torch.Tensor, valid: torch.Tensor) -> Batch:
+        """Rows of consecutive steps: row b holds flat steps ``start[b] + j`` where ``valid[b, j]``."""
+        L = valid.shape[1]
+        idx = start[:, None] + torch.arange(L, device=start.device)  # (B, L)
+        idx = torch.where(valid, idx, torch.zeros_like(idx))  # padding reads step 0, then is zeroed
+        obs = (self.observations[idx] - self.obs_mean) / self.obs_std
+        obs = obs * valid[..., None]
+        actions = self.actions[idx]
+        actions = actions * (valid[..., None] if actions.dim() == 3 else valid)
+        zero = lambda x: x * valid
+        return Batch(
+            observations=obs,
+            actions=actions,
+            returns_to_go=zero(self.returns_to_go[idx]),
+            rewards=zero(self.rewards[idx]),
+            timesteps=zero(self.timesteps[idx]),
+            padding_mask=~valid,
+        )
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def sample_windows(flat: FlatEpisodes, batch_size: int, K: int,
+                   generator: torch.Generator | None = None) -> Batch:
+    """Decision Transformer's batches: K-step windows starting at a timestep drawn uniformly over
+    all steps of the dataset (so episodes are weighted by their length), right-padded to K where
+    the episode ends first. The generator must live on the dataset's device."""
+    _check_positive("batch_size", batch_size)
+    _check_positive("K", K)
+    device = flat.rewards.device
+    i = torch.randint(flat.num_steps, (batch_size,), generator=generator, device=device)
+    episode = flat.step_episode[i]
+    end = flat.episode_start[episode] + flat.episode_length[episode]  # one past the last step
+    valid = (i[:, None] + torch.arange(K, device=device)) < end[:, None]  # (B, K)
+    return flat.gather(i, valid)
+
+
+def sample_episodes(flat: FlatEpisodes, batch_size: int, generator: torch.Generator | None = None,
+                    max_len: int | None = None) -> Batch:
+    """Whole episodes from t = 0, drawn uniformly over episodes, right-padded to the longest in the
+    batch; with ``max_len``, every row has exactly ``max_len`` steps (longer episodes are cut)."""
+    _check_positive("batch_size", batch_size)
+    if max_len is not None:
+        _check_positive("max_len", max_len)
+    device = flat.rewards.device
+    e = torch.randint(flat.num_episodes, (batch_size,), generator=generator, device=device)
+    length = flat.episode_length[e]
+    L = max_len if max_len is not None else int(length.max())
+    valid = torch.arange(L, device=device) < length[:, None]  # (B, L)
+    return flat.gather(flat.episode_start[e], valid)

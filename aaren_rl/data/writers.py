@@ -1,0 +1,136 @@
+"""Writing recorded episodes as a Minari dataset or a D4RL-format HDF5 file, all or nothing.
+
+Both writers build the data under a temporary name and rename it into place at the end, so an
+interrupted collection never leaves a dataset that looks complete: a Minari dataset is created in
+a hidden staging folder of the Minari root (Minari skips hidden folders) and moved; an HDF5 file is
+written as ``NAME.partial`` and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from .recording import RawEpisode
+
+
+def minari_root() -> Path:
+    """Where Minari keeps local datasets: ``$MINARI_DATASETS_PATH`` or ``~/.minari/datasets``."""
+    from minari.storage import get_dataset_path
+
+    return Path(get_dataset_path())
+
+
+def minari_dataset_exists(dataset_id: str) -> bool:
+    return (minari_root() / dataset_id / "data").exists()
+
+
+@contextmanager
+def _minari_root_at(path: Path):
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MINARI_DATASETS_PATH"]
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = old
+
+
+def _episode_buffer(i: int, ep: RawEpisode):
+    from minari.data_collector import EpisodeBuffer
+
+    T = len(ep)
+    terminations = np.zeros(T, dtype=bool)
+    truncations = np.zeros(T, dtype=bool)
+    terminations[-1], truncations[-1] = ep.terminated, ep.truncated
+    return EpisodeBuffer(id=i, observations=ep.observations, actions=ep.actions,
+                         rewards=ep.rewards, terminations=terminations, truncations=truncations)
+
+
+def write_minari(dataset_id: str, episodes: list[RawEpisode], env_id: str, *,
+                 ref_min_score: float, ref_max_score: float, algorithm_name: str | None = None,
+                 description: str | None = None, force: bool = False) -> Path:
+    """Create the Minari dataset ``dataset_id`` from ``episodes``; returns its folder.
+
+    An existing dataset with that id is an error unless ``force``, in which case it is replaced
+    only once the new one is complete.
+    """
+    import minari
+    from minari.namespace import NAMESPACE_METADATA_FILENAME
+
+    root = minari_root()
+    final = root / dataset_id
+    if final.exists() and not force:
+        raise FileExistsError(f"Minari dataset {dataset_id!r} already exists at {final}; "
+                              "pass force=True (--force) to replace it")
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    try:
+        with _minari_root_at(staging), warnings.catch_warnings():
+            # minari warns about every optional metadata field left empty (permalink, email...)
+            warnings.filterwarnings("ignore", category=UserWarning, module="minari")
+            minari.create_dataset_from_buffers(
+                dataset_id, [_episode_buffer(i, ep) for i, ep in enumerate(episodes)], env=env_id,
+                algorithm_name=algorithm_name, ref_min_score=float(ref_min_score),
+                ref_max_score=float(ref_max_score), description=description,
+                author="aaren-rl", data_format="hdf5",
+            )
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # Namespace folders need their metadata file for minari to list what is inside them.
+        for parent in Path(dataset_id).parents:
+            if str(parent) != "." and not (root / parent / NAMESPACE_METADATA_FILENAME).exists():
+                (root / parent / NAMESPACE_METADATA_FILENAME).write_text("{}")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging / dataset_id, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def write_hdf5(path: str | os.PathLike, episodes: list[RawEpisode], env_id: str, *,
+               ref_min_score: float | None = None, ref_max_score: float | None = None,
+               action_low=None, action_high=None, **attrs) -> Path:
+    """Write ``episodes`` in D4RL's layout: flat ``observations``, ``actions``, ``rewards``,
+    ``terminals``, ``timeouts``, ``next_observations``, with the env id and references as attrs."""
+    import h5py
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ends = lambda flag: np.concatenate([
+        np.eye(1, len(ep), len(ep) - 1, dtype=bool)[0] & getattr(ep, flag) for ep in episodes])
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with h5py.File(partial, "w") as f:
+            f["observations"] = np.concatenate([ep.observations[:-1] for ep in episodes])
+            f["next_observations"] = np.concatenate([ep.observations[1:] for ep in episodes])
+            f["actions"] = np.concatenate([ep.actions for ep in episodes])
+            f["rewards"] = np.concatenate([ep.rewards for ep in episodes])
+            f["terminals"] = ends("terminated")
+            f["timeouts"] = ends("truncated")
+            f.attrs["env_id"] = env_id
+            for key, value in dict(ref_min_score=ref_min_score, ref_max_score=ref_max_score,
+                                   action_low=action_low, action_high=action_high, **attrs).items():
+                if value is not None:
+                    f.attrs[key] = value
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: str | os.PathLike, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, path)
+    return path
