@@ -53,6 +53,7 @@ class CollectConfig:
     n_envs: int = 4
     normalize: bool = False  # VecNormalize observations and rewards while training
     hyperparameters: dict = field(default_factory=dict)
+    lr_schedule: str = "constant"  # or "linear": anneal learning_rate to 0, as in the PPO paper
     policy_kwargs: dict = field(default_factory=dict)
     checkpoints: int = 20  # saved evenly during training; the medium policy is one of them
     checkpoint_eval_episodes: int = 10
@@ -141,9 +142,15 @@ def train_learner(cfg: CollectConfig, policies_dir: Path):
     policies_dir.mkdir(parents=True, exist_ok=True)
     recording = RecordingVecEnv(make_vec_env(cfg.env_id, n_envs=cfg.n_envs, seed=cfg.seed))
     env = VecNormalize(recording, gamma=cfg.hyperparameters.get("gamma", 0.99)) if cfg.normalize else recording
+    hyperparameters = dict(cfg.hyperparameters)
+    if cfg.lr_schedule == "linear":
+        lr = hyperparameters.get("learning_rate", 3e-4)
+        hyperparameters["learning_rate"] = lambda progress_remaining: progress_remaining * lr
+    elif cfg.lr_schedule != "constant":
+        raise ValueError(f"lr_schedule must be 'constant' or 'linear', got {cfg.lr_schedule!r}")
     model = _algorithm(cfg.algorithm)(
         "MlpPolicy", env, seed=cfg.seed, device="cpu", verbose=0,
-        policy_kwargs=_policy_kwargs(cfg.policy_kwargs), **cfg.hyperparameters,
+        policy_kwargs=_policy_kwargs(cfg.policy_kwargs), **hyperparameters,
     )
     every = max(cfg.steps // max(cfg.checkpoints, 1), 1)
     saved: list[tuple[int, Path]] = []
@@ -189,9 +196,9 @@ def _stats(episodes: list[RawEpisode]) -> dict:
             "return_min": float(returns.min()), "return_max": float(returns.max())}
 
 
-def _evaluate(cfg: CollectConfig, policy, episodes: int, seed: int, desc: str) -> list[RawEpisode]:
+def _evaluate(cfg: CollectConfig, policy, episodes: int, seed: int, desc: str | None = None):
     torch.manual_seed(seed)  # SB3 samples stochastic actions from torch's global generator
-    with tqdm(desc=f"{cfg.name}: {desc}", unit="step", leave=False) as bar:
+    with tqdm(desc=f"{cfg.name}: {desc}", unit="step", leave=False, disable=desc is None) as bar:
         return rollout(cfg.env_id, policy, episodes=episodes, seed=seed,
                        n_envs=cfg.rollout_envs, progress=bar)
 
@@ -230,7 +237,7 @@ def collect(cfg: CollectConfig) -> dict:
     evals = []
     for step, path in tqdm(checkpoints[:-1], desc=f"{cfg.name}: evaluate checkpoints", leave=False):
         eps = _evaluate(cfg, policy(path), cfg.checkpoint_eval_episodes,
-                        cfg.seed + SEED_OFFSETS["checkpoints"], f"checkpoint {step}")
+                        cfg.seed + SEED_OFFSETS["checkpoints"])
         evals.append({"step": step, "path": str(path), **_stats(eps)})
     report["checkpoints"] = evals
     medium = min(evals, key=lambda e: abs(e["return_mean"] - target)) if evals else \

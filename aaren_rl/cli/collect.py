@@ -1,0 +1,109 @@
+"""``aaren-rl collect``: train a Stable-Baselines3 learner and write D4RL-style dataset tiers.
+
+    aaren-rl collect --env pendulum --hdf5                 # the quick demo environment
+    aaren-rl collect --suite locomotion --hdf5             # hopper, halfcheetah, walker2d
+    aaren-rl collect --env CartPole-v1 --steps 50000       # any gymnasium id, default settings
+
+Settings come from the env preset's ``[collect]`` table (``envs/NAME.toml``); options given here
+override them. Minari datasets go to ``$MINARI_DATASETS_PATH`` (default ``~/.minari/datasets``);
+policies, HDF5 files and ``report.json`` to ``--out/NAME/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import fields
+
+from .presets import available, load_preset
+
+SUITES = {"locomotion": ["hopper", "halfcheetah", "walker2d"]}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--env", nargs="+", metavar="PRESET_OR_ID",
+                       help=f"env preset(s) ({', '.join(available('envs')) or 'none'}) or gymnasium id(s)")
+    which.add_argument("--suite", choices=sorted(SUITES), help="a named group of presets")
+    p.add_argument("--tiers", nargs="+", metavar="TIER",
+                   help="random medium medium-replay expert medium-expert (default: all)")
+    p.add_argument("--steps", type=int, help="learner training steps")
+    p.add_argument("--episodes", type=int, help="episodes per rolled-out tier (at least)")
+    p.add_argument("--tier-steps", type=int, help="steps per rolled-out tier (at least)")
+    p.add_argument("--ref-episodes", type=int, help="episodes for ref_min/ref_max (default 100)")
+    p.add_argument("--seed", type=int, help="seed (default 0)")
+    p.add_argument("--out", default="data", help="folder for policies, HDF5 files and reports (default: data)")
+    p.add_argument("--hdf5", action="store_true", help="also write D4RL-format HDF5 files")
+    p.add_argument("--force", action="store_true", help="replace existing datasets with the same ids")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+
+
+def _slug(env_id: str) -> str:
+    return re.sub(r"-v\d+$", "", env_id).lower().replace("/", "-")
+
+
+def config_for(name: str, args: argparse.Namespace):
+    """The CollectConfig for one preset name (or gymnasium id), with command-line overrides."""
+    from aaren_rl.data.collect import CollectConfig
+
+    if name.endswith(".toml") or name in available("envs"):
+        preset = load_preset("envs", name)
+        env_id = preset["env_id"]
+        settings = dict(preset.get("collect", {}))
+        settings["name"] = preset["name"]
+        settings["dataset_ids"] = dict(preset.get("datasets", {}))
+    else:
+        env_id, settings = name, {"name": _slug(name)}
+    known = {f.name for f in fields(CollectConfig)}
+    unknown = set(settings) - known
+    if unknown:
+        raise SystemExit(f"error: unknown [collect] setting(s) {sorted(unknown)} in preset {name!r}; "
+                         f"known: {sorted(known)}")
+    overrides = {"tiers": args.tiers, "steps": args.steps, "episodes": args.episodes,
+                 "tier_steps": args.tier_steps, "ref_episodes": args.ref_episodes,
+                 "seed": args.seed}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    if "tiers" in settings:
+        settings["tiers"] = tuple(settings["tiers"])
+    return CollectConfig(env_id=env_id, out_dir=args.out, hdf5=args.hdf5, force=args.force, **settings)
+
+
+def run(args: argparse.Namespace) -> int:
+    import gymnasium as gym
+    import torch
+
+    from aaren_rl.data.collect import collect
+
+    torch.set_num_threads(args.threads)
+    names = SUITES[args.suite] if args.suite else args.env
+    configs = [config_for(name, args) for name in names]  # check every preset before any training
+    for cfg in configs:
+        try:
+            gym.spec(cfg.env_id)
+        except gym.error.Error:
+            raise SystemExit(f"error: {cfg.env_id!r} is neither an env preset "
+                             f"({', '.join(available('envs'))}) nor a gymnasium environment id")
+    summary, failed = [], []
+    for cfg in configs:
+        try:
+            report = collect(cfg)
+        except Exception as e:  # one environment failing should not lose the others of a suite
+            if len(configs) == 1:
+                raise
+            print(f"\n{cfg.env_id}: collection FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+            failed.append(cfg.env_id)
+            continue
+        print(f"\n{cfg.env_id}: trained {cfg.steps} steps in {report['train_seconds']:.0f} s, "
+              f"total {report['total_seconds']:.0f} s; ref_min {report['ref_min_score']:.1f}, "
+              f"ref_max {report['ref_max_score']:.1f}; medium = checkpoint at step "
+              f"{report['medium']['step']}")
+        for tier, t in report["tiers"].items():
+            print(f"  {tier:14s} {t['episodes']:6d} episodes {t['steps']:8d} steps  "
+                  f"return {t['return_mean']:9.1f} ± {t['return_std']:7.1f}  {t['dataset_id']}")
+        summary.append({"env_id": cfg.env_id, "report": str(cfg.folder / "report.json")})
+    print(json.dumps(summary), file=sys.stderr)
+    if failed:
+        print(f"error: collection failed for {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,136 @@
+"""aaren_rl.data.collect and ``aaren-rl collect``: a tiny end-to-end collection on Pendulum-v1."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from aaren_rl.cli import main
+from aaren_rl.data import load_dataset
+from aaren_rl.data import collect as collect_module
+from aaren_rl.data import writers
+from aaren_rl.data.collect import TIERS, CollectConfig, collect
+from aaren_rl.data.recording import RawEpisode
+
+TINY = dict(env_id="Pendulum-v1", name="tiny", steps=512, n_envs=2, checkpoints=4,
+            checkpoint_eval_episodes=1, episodes=2, ref_episodes=2, rollout_envs=2,
+            hyperparameters={"n_steps": 64, "batch_size": 64, "n_epochs": 1})
+
+
+@pytest.fixture(autouse=True)
+def minari_root(tmp_path, monkeypatch):
+    root = tmp_path / "minari"
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    monkeypatch.chdir(tmp_path)  # MuJoCo/minari side files stay in tmp
+    return root
+
+
+def test_tiny_collection_writes_every_tier_as_minari_and_hdf5(tmp_path, minari_root):
+    cfg = CollectConfig(out_dir=str(tmp_path / "out"), hdf5=True, **TINY)
+    report = collect(cfg)
+    folder = tmp_path / "out" / "tiny"
+    on_disk = json.loads((folder / "report.json").read_text())
+    assert on_disk["status"] == "complete" and set(on_disk["tiers"]) == set(TIERS)
+    assert (folder / "policies" / "expert.zip").is_file() and (folder / "policies" / "medium.zip").is_file()
+    for tier in TIERS:
+        entry = report["tiers"][tier]
+        for source in (entry["dataset_id"], folder / f"{tier}.hdf5"):
+            ds = load_dataset(source)
+            assert ds.env_id == "Pendulum-v1" and (ds.num_episodes, ds.num_steps) == (entry["episodes"], entry["steps"])
+            assert ds.ref_min_score == pytest.approx(report["ref_min_score"])
+            assert ds.ref_max_score == pytest.approx(report["ref_max_score"])
+            assert ds.return_mean == pytest.approx(entry["return_mean"], rel=1e-4)
+    assert report["tiers"]["random"]["episodes"] == 2 and report["tiers"]["medium-expert"]["episodes"] == 4
+    # medium-replay is what the learner saw up to the medium checkpoint: exactly that many steps
+    assert report["tiers"]["medium-replay"]["steps"] == report["medium"]["step"]
+    assert report["train_seconds"] > 0
+
+
+def test_collection_is_reproducible(tmp_path):
+    kwargs = dict(TINY, steps=256, tiers=("random", "medium-replay"))
+    a = collect(CollectConfig(out_dir=str(tmp_path / "a"), dataset_ids={t: f"ra/{t}-v0" for t in TIERS}, **kwargs))
+    b = collect(CollectConfig(out_dir=str(tmp_path / "b"), dataset_ids={t: f"rb/{t}-v0" for t in TIERS}, **kwargs))
+    for tier in ("random", "medium-replay"):
+        ea, eb = load_dataset(f"ra/{tier}-v0").episodes, load_dataset(f"rb/{tier}-v0").episodes
+        assert len(ea) == len(eb)
+        for x, y in zip(ea, eb):
+            np.testing.assert_array_equal(x.observations, y.observations)
+            np.testing.assert_array_equal(x.actions, y.actions)
+
+
+def test_interrupted_collection_leaves_no_complete_looking_dataset(tmp_path, minari_root, monkeypatch):
+    calls = []
+
+    def fail_on_second(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if stopped half-way through writing the second tier
+        return real_write_minari(*args, **kwargs)
+
+    real_write_minari = writers.write_minari
+    monkeypatch.setattr(collect_module, "write_minari", fail_on_second)
+    cfg = CollectConfig(out_dir=str(tmp_path / "out"), hdf5=True, **TINY)
+    with pytest.raises(KeyboardInterrupt):
+        collect(cfg)
+    folder = tmp_path / "out" / "tiny"
+    assert not (folder / "report.json").exists()
+    first, second = cfg.dataset_id(TIERS[0]), cfg.dataset_id(TIERS[1])
+    assert load_dataset(first).num_episodes == 2  # tiers written before the stop are whole
+    assert not (minari_root / second).exists()
+    assert not list(minari_root.glob(".staging-*"))
+    assert not list(folder.glob("*.partial")) and not (folder / f"{TIERS[1]}.hdf5").exists()
+
+
+def test_writers_leave_nothing_when_interrupted_mid_write(tmp_path, minari_root, monkeypatch):
+    ep = RawEpisode(np.zeros((4, 3)), np.zeros((3, 1), np.float32), np.ones(3), True, False)
+    import minari
+
+    def create_then_fail(dataset_id, *args, **kwargs):
+        real_create(dataset_id, *args, **kwargs)  # a complete-looking dataset in the staging folder
+        raise KeyboardInterrupt
+
+    real_create = minari.create_dataset_from_buffers
+    monkeypatch.setattr(minari, "create_dataset_from_buffers", create_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        writers.write_minari("t/pendulum/x-v0", [ep], "Pendulum-v1", ref_min_score=0, ref_max_score=1)
+    assert not (minari_root / "t/pendulum/x-v0").exists() and not list(minari_root.glob(".staging-*"))
+
+    monkeypatch.setattr(np, "concatenate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        writers.write_hdf5(tmp_path / "x.hdf5", [ep], "Pendulum-v1")
+    assert not list(tmp_path.glob("x.hdf5*"))
+
+
+def test_existing_datasets_are_kept_unless_forced(tmp_path):
+    ep = RawEpisode(np.zeros((4, 3)), np.zeros((3, 1), np.float32), np.ones(3), True, False)
+    writers.write_minari("t/pendulum/random-v0", [ep], "Pendulum-v1", ref_min_score=0, ref_max_score=1)
+    cfg = CollectConfig(out_dir=str(tmp_path), dataset_ids={"random": "t/pendulum/random-v0"},
+                        **dict(TINY, tiers=("random",)))
+    with pytest.raises(FileExistsError, match="t/pendulum/random-v0"):
+        collect(cfg)  # refused before any training
+    assert not (tmp_path / "tiny" / "policies").exists()
+    writers.write_minari("t/pendulum/random-v0", [ep, ep], "Pendulum-v1", ref_min_score=0, ref_max_score=1, force=True)
+    assert load_dataset("t/pendulum/random-v0").num_episodes == 2
+
+
+def test_cli_collect_with_a_preset_file(tmp_path, capsys):
+    preset = tmp_path / "tinypend.toml"
+    preset.write_text(
+        'env_id = "Pendulum-v1"\n[datasets]\nrandom = "cli/pendulum/random-v0"\nexpert = "cli/pendulum/expert-v0"\n'
+        "[collect]\nn_envs = 2\ncheckpoints = 2\ncheckpoint_eval_episodes = 1\nrollout_envs = 2\n"
+        "[collect.hyperparameters]\nn_steps = 64\nbatch_size = 64\nn_epochs = 1\n"
+    )
+    assert main(["collect", "--env", str(preset), "--tiers", "random", "expert", "--steps", "256",
+                 "--episodes", "2", "--ref-episodes", "2", "--out", str(tmp_path / "out"), "--hdf5"]) == 0
+    assert "cli/pendulum/expert-v0" in capsys.readouterr().out
+    assert load_dataset("cli/pendulum/expert-v0").num_episodes == 2
+    assert load_dataset(tmp_path / "out" / "tinypend" / "random.hdf5").num_episodes == 2
+
+
+def test_cli_rejects_unknown_env_and_tier(tmp_path):
+    with pytest.raises(SystemExit, match="NoSuchEnv-v0"):
+        main(["collect", "--env", "NoSuchEnv-v0", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="unknown tier"):
+        main(["collect", "--env", "Pendulum-v1", "--tiers", "mediocre", "--out", str(tmp_path)])
