@@ -51,6 +51,12 @@ class KVCache:
         rows = _check_rows(rows, self.batch_size, self.k.device)
         return KVCache(self.k, self.v, self.valid & ~rows.unsqueeze(-1))
 
+    def trim(self, max_tokens: int) -> "KVCache":
+        """Keep only the last ``max_tokens`` entries (a sliding window)."""
+        if self.k.shape[2] <= max_tokens:
+            return self
+        return KVCache(self.k[:, :, -max_tokens:], self.v[:, :, -max_tokens:], self.valid[:, -max_tokens:])
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.valid))
 

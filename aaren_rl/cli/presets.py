@@ -40,3 +40,44 @@ def load_preset(kind: str, name: str) -> dict:
         raise SystemExit(f"error: preset {path} is not valid TOML: {e}") from None
     data.setdefault("name", path.stem)
     return data
+
+
+def resolve_env(name: str) -> dict:
+    """An env preset name (or .toml path) or a gymnasium id -> env_id, targets, references.
+
+    A gymnasium id that a preset describes gets that preset's targets and references.
+    """
+    if not (name.endswith(".toml") or name in available("envs")):
+        name = next((n for n in available("envs") if load_preset("envs", n).get("env_id") == name), name)
+    if name.endswith(".toml") or name in available("envs"):
+        p = load_preset("envs", name)
+        ref = p.get("reference", {})
+        return {"name": p["name"], "env_id": p["env_id"], "target_returns": p.get("target_returns", []),
+                "ref_min": ref.get("ref_min"), "ref_max": ref.get("ref_max"), "datasets": p.get("datasets", {})}
+    return {"name": name, "env_id": name, "target_returns": [], "ref_min": None, "ref_max": None, "datasets": {}}
+
+
+def resolve_dataset(source: str) -> str:
+    """``PRESET/TIER`` (e.g. ``pendulum/medium``) -> the preset's Minari id; anything else unchanged."""
+    preset, _, tier = source.partition("/")
+    if tier and "/" not in tier and preset in available("envs"):
+        datasets = load_preset("envs", preset).get("datasets", {})
+        if tier in datasets:
+            return datasets[tier]
+    return source
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``--set model.embed_dim=64 train.batch_size=8`` -> {"model": {...}, "train": {...}} (TOML values)."""
+    out: dict = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not eq or not dot or section not in ("model", "train"):
+            raise SystemExit(f"error: --set expects model.KEY=VALUE or train.KEY=VALUE, got {item!r}")
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value  # a bare string
+        out.setdefault(section, {})[field] = parsed
+    return out

@@ -1,0 +1,162 @@
+"""The agent model: Decision Transformer's token scheme over an Aaren or Transformer backbone.
+
+A trajectory is the token sequence (R_1, s_1, a_1, R_2, s_2, a_2, ...), R_t the return still to
+go; every token gets the embedding of its episode timestep, and a_t is predicted from the
+backbone's output at s_t (Chen et al., 2021). With ``backbone="aaren"`` this is Decision Aaren;
+with ``backbone="transformer"`` the Decision Transformer baseline, the same code otherwise.
+
+The model works in normalized units: observations standardized with the dataset's statistics,
+returns divided by ``return_scale``, continuous actions mapped to [-1, 1] (the policy head ends in
+tanh). ``forward`` is the parallel form (training); ``step`` feeds new tokens into the backbone's
+recurrent state (acting); both share ``embed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .blocks import Backbone
+
+R, S, A = 0, 1, 2  # token kinds within a timestep, in DT's order
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. Defaults: Decision Transformer's reference setting for MuJoCo."""
+
+    backbone: str = "aaren"  # "aaren" (Decision Aaren) or "transformer" (Decision Transformer)
+    n_layer: int = 3
+    embed_dim: int = 128
+    n_head: int = 1
+    dropout: float = 0.1
+    context: str = "episode"  # "window": the last K timesteps (DT); "episode": everything since t = 0
+    context_len: int = 20  # K, timesteps per training window (window context only)
+    max_timestep: int = 1000  # size of the timestep embedding; later timesteps share the last row
+    return_scale: float = 1000.0  # returns-to-go are divided by this (DT: 1000 for MuJoCo)
+    # filled in from the dataset
+    observation_dim: int = 0
+    action_dim: int = 0  # continuous: number of action dims; discrete: number of actions
+    discrete: bool = False
+    action_low: list[float] = field(default_factory=list)
+    action_high: list[float] = field(default_factory=list)
+
+    def validate(self) -> "ModelConfig":
+        checks = {
+            "backbone": self.backbone in ("aaren", "transformer"),
+            "context": self.context in ("window", "episode"),
+            "n_layer": self.n_layer > 0,
+            "embed_dim": self.embed_dim > 0 and self.n_head > 0 and self.embed_dim % self.n_head == 0,
+            "dropout": 0.0 <= self.dropout < 1.0,
+            "context_len": self.context_len > 0,
+            "max_timestep": self.max_timestep > 0,
+            "return_scale": self.return_scale > 0,
+            "observation_dim": self.observation_dim > 0,
+            "action_dim": self.action_dim > 0,
+            "action_low": self.discrete or len(self.action_low) == len(self.action_high) == self.action_dim,
+        }
+        expected = {
+            "backbone": "'aaren' or 'transformer'", "context": "'window' or 'episode'",
+            "embed_dim": "a positive multiple of n_head", "dropout": "in [0, 1)",
+            "action_low": "action_low and action_high with action_dim entries each",
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"model config: bad {name} = {getattr(self, name)!r}; expected "
+                                 f"{expected.get(name, 'a positive value')}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class DecisionModel(nn.Module):
+    def __init__(self, config: ModelConfig, obs_mean=None, obs_std=None):
+        super().__init__()
+        self.config = c = config.validate()
+        E = c.embed_dim
+        self.embed_timestep = nn.Embedding(c.max_timestep, E)
+        self.embed_return = nn.Linear(1, E)
+        self.embed_state = nn.Linear(c.observation_dim, E)
+        self.embed_action = nn.Embedding(c.action_dim, E) if c.discrete else nn.Linear(c.action_dim, E)
+        self.embed_ln = nn.LayerNorm(E)
+        self.backbone = Backbone(c.backbone, c.n_layer, E, c.n_head, c.dropout)
+        self.predict_action = nn.Linear(E, c.action_dim)
+        # everything needed to act from a checkpoint travels with the weights
+        self.register_buffer("obs_mean", torch.as_tensor(obs_mean if obs_mean is not None else torch.zeros(c.observation_dim), dtype=torch.float32))
+        self.register_buffer("obs_std", torch.as_tensor(obs_std if obs_std is not None else torch.ones(c.observation_dim), dtype=torch.float32))
+        if not c.discrete:
+            self.register_buffer("action_low", torch.tensor(c.action_low, dtype=torch.float32))
+            self.register_buffer("action_high", torch.tensor(c.action_high, dtype=torch.float32))
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):  # GPT-2's, as Decision Transformer uses
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # -- units ------------------------------------------------------------------------------
+    def normalize_obs(self, obs: Tensor) -> Tensor:
+        return (obs - self.obs_mean) / self.obs_std
+
+    def normalize_action(self, action: Tensor) -> Tensor:
+        """Environment actions -> the model's [-1, 1] (continuous) or indices (discrete)."""
+        if self.config.discrete:
+            return action.long()
+        return (2 * (action - self.action_low) / (self.action_high - self.action_low) - 1).clamp(-1, 1)
+
+    def unnormalize_action(self, action: Tensor) -> Tensor:
+        return self.action_low + (action + 1) * 0.5 * (self.action_high - self.action_low)
+
+    # -- tokens -----------------------------------------------------------------------------
+    def embed(self, kind: int, value: Tensor, timestep: Tensor) -> Tensor:
+        """Embed tokens of one kind: value (..., dim) or (...) -> (..., E), with the timestep's embedding."""
+        t = self.embed_timestep(timestep.clamp(0, self.config.max_timestep - 1))
+        if kind == R:
+            return self.embed_return(value.unsqueeze(-1) / self.config.return_scale) + t
+        if kind == S:
+            return self.embed_state(value) + t
+        return self.embed_action(value) + t
+
+    def action_output(self, h: Tensor) -> Tensor:
+        """Backbone output at s_t -> action in [-1, 1] (continuous) or logits (discrete)."""
+        out = self.predict_action(h)
+        return out if self.config.discrete else torch.tanh(out)
+
+    # -- parallel form (training) -----------------------------------------------------------
+    def forward(self, returns_to_go: Tensor, observations: Tensor, actions: Tensor, timesteps: Tensor,
+                padding_mask: Tensor | None = None) -> Tensor:
+        """All inputs in model units, (B, T[, dim]); returns predicted a_t for every t: (B, T, action_dim)."""
+        B, T = timesteps.shape
+        tokens = torch.stack([
+            self.embed(R, returns_to_go, timesteps),
+            self.embed(S, observations, timesteps),
+            self.embed(A, actions, timesteps),
+        ], dim=2).reshape(B, 3 * T, -1)  # (B, 3T, E): R_1, s_1, a_1, R_2, ...
+        mask = None if padding_mask is None else padding_mask.repeat_interleave(3, dim=1)  # (B, 3T)
+        h = self.backbone(self.embed_ln(tokens), padding_mask=mask)
+        return self.action_output(h[:, S::3])  # outputs at the s_t tokens
+
+    def loss(self, pred: Tensor, actions: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """MSE (continuous, in [-1, 1] units) or cross-entropy (discrete) over real timesteps."""
+        if self.config.discrete:
+            per_step = F.cross_entropy(pred.transpose(1, 2), actions, reduction="none")  # (B, T)
+        else:
+            per_step = (pred - actions).pow(2).mean(-1)  # (B, T)
+        if padding_mask is None:
+            return per_step.mean()
+        real = (~padding_mask).to(per_step.dtype)
+        return (per_step * real).sum() / real.sum().clamp(min=1)
+
+    # -- recurrent form (acting) ------------------------------------------------------------
+    def init_state(self, batch_size: int):
+        return self.backbone.init_state(batch_size)
+
+    def step(self, tokens: Tensor, state, padding_mask: Tensor | None = None):
+        """Feed embedded tokens (B, t, E) into the backbone state; returns outputs (B, t, E) and state."""
+        return self.backbone.step(self.embed_ln(tokens), state, padding_mask=padding_mask)
