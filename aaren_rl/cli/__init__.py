@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args) or 0
+    try:
+        return args.run(args) or 0
+    except (FileNotFoundError, ValueError, KeyError) as e:  # bad input: a message, not a traceback
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise SystemExit(f"aaren-rl {args.command}: error: {msg}") from None
 
 
 if __name__ == "__main__":

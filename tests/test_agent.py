@@ -1,0 +1,155 @@
+"""The agent model and its streaming policy: streaming actions == the parallel forward pass."""
+
+import numpy as np
+import pytest
+import torch
+
+from aaren_rl.model import DecisionModel, ModelConfig
+from aaren_rl.policy import StreamingPolicy
+
+
+def make_model(backbone="aaren", context="episode", discrete=False, seed=0, obs_dim=5, act_dim=3, K=20):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(backbone=backbone, context=context, context_len=K, n_layer=2, embed_dim=32, n_head=2,
+                      dropout=0.1, return_scale=10.0, observation_dim=obs_dim, action_dim=act_dim,
+                      discrete=discrete, action_low=[] if discrete else [-2.0] * act_dim,
+                      action_high=[] if discrete else [1.0] * act_dim)
+    model = DecisionModel(cfg, obs_mean=torch.randn(obs_dim), obs_std=torch.rand(obs_dim) + 0.5)
+    with torch.no_grad():  # break GPT-2's small init so that every input matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def trajectory(T=40, obs_dim=5, act_dim=3, discrete=False, seed=1):
+    rng = np.random.default_rng(seed)
+    obs = rng.normal(size=(T, obs_dim)).astype(np.float32) * 2
+    actions = rng.integers(0, act_dim, size=T) if discrete else rng.uniform(-2, 1, size=(T, act_dim)).astype(np.float32)
+    rewards = rng.normal(size=T).astype(np.float32)
+    return obs, actions, rewards
+
+
+def parallel_actions(model, obs, actions, rewards, target):
+    """What the parallel forward pass predicts at every t of a logged trajectory, in env units."""
+    T = len(obs)
+    rtg = target - np.concatenate([[0.0], np.cumsum(rewards)[:-1]])
+    with torch.no_grad():
+        o = model.normalize_obs(torch.as_tensor(obs)[None])
+        a = model.normalize_action(torch.as_tensor(actions)[None])
+        pred = model(torch.as_tensor(rtg, dtype=torch.float32)[None], o, a, torch.arange(T)[None])[0]
+    return pred.argmax(-1).numpy() if model.config.discrete else model.unnormalize_action(pred).numpy()
+
+
+def streamed_actions(policy, obs, actions, rewards, steps=None):
+    out, state = [], None
+    for t in range(steps or len(obs)):
+        a, state = policy.predict(obs[t], state, reward=None if t == 0 else rewards[t - 1])
+        out.append(a)
+        state = policy.record_action(state, actions[t])  # follow the logged trajectory
+    return np.array(out)
+
+
+@pytest.mark.parametrize("backbone", ["aaren", "transformer"])
+@pytest.mark.parametrize("discrete", [False, True])
+def test_streaming_actions_equal_parallel_forward(backbone, discrete):
+    model = make_model(backbone, "episode", discrete)
+    obs, actions, rewards = trajectory(discrete=discrete)
+    target = float(rewards.sum()) + 3.0
+    want = parallel_actions(model, obs, actions, rewards, target)
+    got = streamed_actions(StreamingPolicy(model, target), obs, actions, rewards)
+    if discrete:
+        assert (got == want).all()
+    else:
+        assert np.abs(got - want).max() <= 1e-5
+
+
+@pytest.mark.parametrize("backbone", ["aaren", "transformer"])
+def test_window_policy_equals_parallel_forward_within_the_window(backbone):
+    model = make_model(backbone, "window", K=8)
+    obs, actions, rewards = trajectory(T=30)
+    target = 5.0
+    want = parallel_actions(model, obs, actions, rewards, target)
+    got = streamed_actions(StreamingPolicy(model, target, mode="window"), obs, actions, rewards)
+    assert np.abs(got[:8] - want[:8]).max() <= 1e-5  # the window still holds the whole history
+    # later, each action is the forward pass over the last K steps alone
+    t = 20
+    rtg = target - np.concatenate([[0.0], np.cumsum(rewards)[:-1]])
+    with torch.no_grad():
+        sl = slice(t - 7, t + 1)
+        pred = model(torch.as_tensor(rtg[sl], dtype=torch.float32)[None], model.normalize_obs(torch.as_tensor(obs[sl])[None]),
+                     model.normalize_action(torch.as_tensor(actions[sl])[None]), torch.arange(t - 7, t + 1)[None])
+    assert np.abs(got[t] - model.unnormalize_action(pred[0, -1]).numpy()).max() <= 1e-5
+
+
+def test_vectorized_streaming_with_episode_starts_matches_separate_runs():
+    model = make_model("aaren", "episode")
+    policy = StreamingPolicy(model, 4.0)
+    trajs = [trajectory(T=12, seed=s) for s in range(3)]
+    # env 0 runs 12 steps; env 1 starts a new episode (traj 2) after its 5th step
+    state, got0, got1 = None, [], []
+    for t in range(12):
+        o1 = trajs[1][0][t] if t < 5 else trajs[2][0][t - 5]
+        obs = np.stack([trajs[0][0][t], o1])
+        start = np.array([t == 0, t == 0 or t == 5])
+        rew = np.array([trajs[0][2][t - 1] if t else 0.0, (trajs[1][2][t - 1] if t < 5 else trajs[2][2][t - 6]) if t not in (0, 5) else 0.0])
+        a, state = policy.predict(obs, state, episode_start=start, reward=rew)
+        got0.append(a[0])
+        got1.append(a[1])
+        taken = np.stack([trajs[0][1][t], trajs[1][1][t] if t < 5 else trajs[2][1][t - 5]])
+        state = policy.record_action(state, taken)
+    want0 = streamed_actions(StreamingPolicy(model, 4.0), *trajs[0])
+    want2 = streamed_actions(StreamingPolicy(model, 4.0), *trajs[2], steps=7)
+    assert np.abs(np.array(got0) - want0).max() <= 1e-5
+    assert np.abs(np.array(got1[5:]) - want2).max() <= 1e-5
+
+
+def test_aaren_policy_state_is_constant_and_transformer_cache_grows():
+    obs, actions, rewards = trajectory(T=60)
+    sizes = {}
+    for backbone in ["aaren", "transformer"]:
+        policy = StreamingPolicy(make_model(backbone, "episode"), 1.0)
+        state, nbytes = None, []
+        for t in range(60):
+            _, state = policy.predict(obs[t], state, reward=rewards[t - 1] if t else None)
+            nbytes.append(sum(s.nbytes() for s in state.backbone))
+        sizes[backbone] = nbytes
+    assert len(set(sizes["aaren"])) == 1
+    assert sizes["transformer"][-1] > 30 * sizes["transformer"][0]
+
+
+def test_bad_policy_inputs_fail_clearly():
+    policy = StreamingPolicy(make_model(), 1.0)
+    obs, _, _ = trajectory()
+    with pytest.raises(ValueError, match=r"observation must have shape \(n_envs, 5\)"):
+        policy.predict(np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="observation contains NaN"):
+        policy.predict(np.full(5, np.nan, np.float32))
+    _, state = policy.predict(obs[:2])
+    with pytest.raises(ValueError, match="reward is required"):
+        policy.predict(obs[:2], state)
+    with pytest.raises(ValueError, match="state must be a PolicyState for 3"):
+        policy.predict(obs[:3], state, reward=np.zeros(3))
+    with pytest.raises(ValueError, match=r"reward must have shape \(2,\)"):
+        policy.predict(obs[:2], state, reward=np.zeros(3))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        StreamingPolicy(make_model(), 1.0, mode="cache")
+
+
+def test_model_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="bad backbone = 'lstm'"):
+        ModelConfig(backbone="lstm", observation_dim=3, action_dim=1, action_low=[-1], action_high=[1]).validate()
+    with pytest.raises(ValueError, match="bad context"):
+        ModelConfig(context="all", observation_dim=3, action_dim=1, action_low=[-1], action_high=[1]).validate()
+    with pytest.raises(ValueError, match="bad action_low"):
+        ModelConfig(observation_dim=3, action_dim=2, action_low=[-1], action_high=[1]).validate()
+
+
+def test_loss_ignores_padding():
+    model = make_model().train()
+    B, T = 2, 6
+    pred, target = torch.rand(B, T, 3), torch.rand(B, T, 3)
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[1, 4:] = True
+    changed = target.clone()
+    changed[1, 4:] += 100  # targets under padding must not matter
+    assert torch.equal(model.loss(pred, target, pad), model.loss(pred, changed, pad))
