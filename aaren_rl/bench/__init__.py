@@ -1,0 +1,6 @@
+"""Benchmarks: scripts that print a table and write JSON (never timed assertions in tests).
+
+Each benchmark is a module here with ``add_arguments(parser)`` and ``run(args)``; ``aaren-rl
+bench NAME`` dispatches to it (see ``aaren_rl/cli/bench.py``). ``common`` holds what they share:
+the machine's description, timing with warm-up and medians, and writing results.
+"""
