@@ -1,0 +1,51 @@
+"""Optional fast paths for the Aaren layer, with the same contract as the plain code.
+
+``aaren_scan(s, v)`` -> ``o``: scores s (B, H, T) (padding already -inf) and values v
+(B, H, T, Dh) give the prefix softmax-weighted averages o (B, H, T, Dh) (zero where the prefix
+holds only padding), exactly what ``layer.prefix_scan`` followed by the readout gives. It is a
+fused Triton kernel (``triton_scan``) that runs on CUDA when Triton imports; ``Aaren.forward``
+uses it there and keeps the plain scan everywhere else. ``use_triton(False)`` turns it off
+(benchmarks compare both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+_enabled = True
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True if Triton imports (the kernel itself still needs a CUDA tensor, or TRITON_INTERPRET=1)."""
+    try:
+        from . import triton_scan  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_fused_scan(x) -> bool:
+    """Whether ``Aaren.forward`` should hand this input's scan to the fused kernel."""
+    return _enabled and x.is_cuda and triton_available()
+
+
+@contextlib.contextmanager
+def use_triton(flag: bool = True):
+    """Within the block, let (True) or stop (False) Aaren using the Triton scan."""
+    global _enabled
+    old, _enabled = _enabled, flag
+    try:
+        yield
+    finally:
+        _enabled = old
+
+
+def aaren_scan(s, v):
+    from .triton_scan import aaren_scan as _scan
+
+    return _scan(s, v)
+
+
+__all__ = ["aaren_scan", "triton_available", "use_fused_scan", "use_triton"]
