@@ -266,6 +266,13 @@ def test_unknown_environment_id(tmp_path):
         load_dataset(write_h5(tmp_path / "d.hdf5", **good_arrays()), env_id="NoSuchEnv-v0")
 
 
+def test_unknown_environment_id_for_a_minari_dataset(raw_episodes):
+    write_minari("test/pendulum/tiny-v0", raw_episodes, "Pendulum-v1", ref_min_score=0.0, ref_max_score=1.0)
+    with pytest.raises(KeyError, match="NoSuchEnv-v0"):
+        load_dataset("test/pendulum/tiny-v0", env_id="NoSuchEnv-v0")
+    assert load_dataset("test/pendulum/tiny-v0", env_id="Pendulum-v1").env_id == "Pendulum-v1"
+
+
 def test_unknown_minari_dataset(raw_episodes):
     write_minari("test/pendulum/tiny-v0", raw_episodes, "Pendulum-v1", ref_min_score=0.0, ref_max_score=1.0)
     with pytest.raises(FileNotFoundError, match="test/pendulum/nothing-v0.*test/pendulum/tiny-v0"):

@@ -140,6 +140,8 @@ def train_learner(cfg: CollectConfig, policies_dir: Path):
     from stable_baselines3.common.vec_env import VecNormalize
 
     policies_dir.mkdir(parents=True, exist_ok=True)
+    for stale in policies_dir.glob("checkpoint_*"):  # from an earlier or interrupted run
+        stale.unlink()
     recording = RecordingVecEnv(make_vec_env(cfg.env_id, n_envs=cfg.n_envs, seed=cfg.seed))
     env = VecNormalize(recording, gamma=cfg.hyperparameters.get("gamma", 0.99)) if cfg.normalize else recording
     hyperparameters = dict(cfg.hyperparameters)

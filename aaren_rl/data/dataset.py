@@ -247,14 +247,20 @@ def _space_bounds(space):
     raise ValueError(f"unsupported action space {space}; expected Box or Discrete")
 
 
-def env_action_bounds(env_id: str):
-    """(discrete, low, high) from gymnasium's registration of ``env_id``; KeyError if unknown."""
+def _check_env_id(env_id: str) -> None:
     import gymnasium as gym
 
     try:
         gym.spec(env_id)
     except gym.error.Error as e:
         raise KeyError(f"unknown gymnasium environment id {env_id!r}: {e}") from None
+
+
+def env_action_bounds(env_id: str):
+    """(discrete, low, high) from gymnasium's registration of ``env_id``; KeyError if unknown."""
+    import gymnasium as gym
+
+    _check_env_id(env_id)
     env = gym.make(env_id)
     try:
         return _space_bounds(env.action_space)
@@ -302,10 +308,13 @@ def _load_minari(dataset_id: str, env_id: str | None, download: bool) -> Traject
             terminated=terminated, truncated=truncated or not terminated,
         ))
     metadata = md.storage.metadata
-    spec = md.env_spec
+    if env_id is not None:
+        _check_env_id(env_id)
+    elif md.env_spec is not None:
+        env_id = md.env_spec.id
     return TrajectoryDataset(
         episodes,
-        env_id=spec.id if spec is not None else env_id,
+        env_id=env_id,
         action_low=low, action_high=high, discrete=discrete,
         ref_min_score=metadata.get("ref_min_score"), ref_max_score=metadata.get("ref_max_score"),
         name=dataset_id,

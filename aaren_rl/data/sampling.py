@@ -103,15 +103,22 @@ def _check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _randint(high: int, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """n integers in [0, high), drawn on the generator's device (a CPU generator works with
+    data on the GPU: only the n indices are copied)."""
+    where = generator.device if generator is not None else device
+    return torch.randint(high, (n,), generator=generator, device=where).to(device)
+
+
 def sample_windows(flat: FlatEpisodes, batch_size: int, K: int,
                    generator: torch.Generator | None = None) -> Batch:
     """Decision Transformer's batches: K-step windows starting at a timestep drawn uniformly over
     all steps of the dataset (so episodes are weighted by their length), right-padded to K where
-    the episode ends first. The generator must live on the dataset's device."""
+    the episode ends first."""
     _check_positive("batch_size", batch_size)
     _check_positive("K", K)
     device = flat.rewards.device
-    i = torch.randint(flat.num_steps, (batch_size,), generator=generator, device=device)
+    i = _randint(flat.num_steps, batch_size, generator, device)
     episode = flat.step_episode[i]
     end = flat.episode_start[episode] + flat.episode_length[episode]  # one past the last step
     valid = (i[:, None] + torch.arange(K, device=device)) < end[:, None]  # (B, K)
@@ -126,7 +133,7 @@ def sample_episodes(flat: FlatEpisodes, batch_size: int, generator: torch.Genera
     if max_len is not None:
         _check_positive("max_len", max_len)
     device = flat.rewards.device
-    e = torch.randint(flat.num_episodes, (batch_size,), generator=generator, device=device)
+    e = _randint(flat.num_episodes, batch_size, generator, device)
     length = flat.episode_length[e]
     L = max_len if max_len is not None else int(length.max())
     valid = torch.arange(L, device=device) < length[:, None]  # (B, L)
