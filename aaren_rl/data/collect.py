@@ -222,6 +222,7 @@ def collect(cfg: CollectConfig) -> dict:
     # 1. the learner
     recording, checkpoints, train_seconds = train_learner(cfg, folder / "policies")
     report["train_seconds"] = train_seconds
+    report["trained_steps"] = checkpoints[-1][0]  # SB3 rounds up to whole rollouts
     policy = lambda path: load_policy(path, cfg.algorithm, cfg.env_id, cfg.deterministic)
     expert_step, expert_path = checkpoints[-1]
 
