@@ -16,6 +16,7 @@ import json
 import re
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from .presets import available, load_preset
 
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     import gymnasium as gym
     import torch
 
-    from aaren_rl.data.collect import collect
+    from aaren_rl.data.collect import collect, markdown_table
 
     torch.set_num_threads(args.threads)
     names = SUITES[args.suite] if args.suite else args.env
@@ -103,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {tier:14s} {t['episodes']:6d} episodes {t['steps']:8d} steps  "
                   f"return {t['return_mean']:9.1f} ± {t['return_std']:7.1f}  {t['dataset_id']}")
         summary.append({"env_id": cfg.env_id, "report": str(cfg.folder / "report.json")})
-    print(json.dumps(summary), file=sys.stderr)
+    if summary:
+        print("\n" + markdown_table([json.loads(Path(r["report"]).read_text()) for r in summary]))
     if failed:
         print(f"error: collection failed for {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

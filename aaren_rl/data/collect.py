@@ -301,3 +301,15 @@ def collect(cfg: CollectConfig) -> dict:
     report["status"] = "complete"
     write_json(folder / "report.json", report)
     return report
+
+
+def markdown_table(reports: list[dict]) -> str:
+    """The tiers of one or more collection reports as a markdown table."""
+    lines = ["| env | tier | episodes | steps | return (mean ± std) | ref_min | ref_max |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in reports:
+        for tier, t in r["tiers"].items():
+            lines.append(f"| {r['env_id']} | {tier} | {t['episodes']} | {t['steps']} | "
+                         f"{t['return_mean']:.1f} ± {t['return_std']:.1f} | "
+                         f"{r['ref_min_score']:.1f} | {r['ref_max_score']:.1f} |")
+    return "\n".join(lines)
