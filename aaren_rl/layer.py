@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
+
 NEG_INF = float("-inf")
 SCAN_CHUNK = 64
 
@@ -215,6 +217,11 @@ class Aaren(nn.Module):
         check_tokens("x", x, self.embed_dim)
         padding_mask = check_padding_mask(padding_mask, x)
         s, v = self._tokens(x)
+        if kernels.use_fused_scan(x):  # CUDA with Triton: the same outputs from one fused kernel
+            if padding_mask is not None:
+                s = s.masked_fill(padding_mask.unsqueeze(1), NEG_INF)
+            y = self.out(kernels.aaren_scan(s, v).transpose(1, 2).flatten(2))  # (B, T, E), no copy
+            return y if padding_mask is None else y.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         u = torch.ones_like(s)
         if padding_mask is not None:
             pad = padding_mask.unsqueeze(1)  # (B, 1, T)

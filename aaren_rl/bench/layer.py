@@ -24,6 +24,7 @@ configurations of one run but not to the CUDA numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -58,6 +59,7 @@ class Config:
     repeats: int = 10
     budget_s: float = 30.0
     threads: int | None = None  # CPU: torch intra-op threads (None: torch's default)
+    layer_checks: bool = True  # False: diagnostic, Aaren.forward skips its input check (a host sync)
 
 
 @dataclass
@@ -81,6 +83,22 @@ def _scan_backend(backend: str):
     return kernels.use_triton(backend == "triton")
 
 
+@contextlib.contextmanager
+def _layer_input_checks(on: bool):
+    """Diagnostic switch: ``Aaren.forward`` checks its input for NaN/inf, which reads a flag back
+    from the GPU (a host sync) in every layer; turning it off here measures what that costs.
+    The backbone keeps its own check of the input (one sync per forward, in both stacks)."""
+    from .. import layer
+
+    original = layer.check_tokens
+    if not on:
+        layer.check_tokens = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        layer.check_tokens = original
+
+
 def measure_fwd_bwd(cfg: Config) -> Result:
     """Time and peak memory of one forward + backward of the stack (in this process)."""
     device = cfg.device
@@ -95,7 +113,7 @@ def measure_fwd_bwd(cfg: Config) -> Result:
         model.zero_grad(set_to_none=True)
         model(x).backward(grad_y)
 
-    with _scan_backend(cfg.backend):
+    with _scan_backend(cfg.backend), _layer_input_checks(cfg.layer_checks):
         try:
             times = common.time_ms(fwd_bwd, device, cfg.warmup, cfg.repeats, cfg.budget_s)
             peak = None
@@ -113,6 +131,30 @@ def measure_fwd_bwd(cfg: Config) -> Result:
             return Result(asdict(cfg), "oom")
     med = common.median(times)
     return Result(asdict(cfg), "ok", times, med, cfg.batch * cfg.seq_len / (med / 1e3), peak)
+
+
+def count_launches(cfg: Config) -> dict:
+    """Operators and device kernels in one fwd+bwd (torch.profiler): where launch overhead is the
+    bottleneck (short sequences on a GPU), time follows these counts, not the arithmetic."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = cfg.device
+    model = Backbone(cfg.kind, cfg.n_layer, cfg.embed_dim, cfg.num_heads, dropout=0.0).to(device)
+    x = torch.randn(cfg.batch, cfg.seq_len, cfg.embed_dim, device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with _scan_backend(cfg.backend):
+        for _ in range(3):
+            model(x).sum().backward()
+        common.sync(device)
+        with profile(activities=activities) as prof:
+            model(x).sum().backward()
+            common.sync(device)
+    events = prof.events()
+    kernels = [e for e in events if e.device_type.name == "CUDA"]
+    aten = [e for e in events if e.name.startswith("aten::") and e.device_type.name == "CPU"]
+    return dict(kind=cfg.kind, backend=cfg.backend, seq_len=cfg.seq_len, batch=cfg.batch,
+                cuda_kernels=len(kernels), aten_ops=len(aten),
+                top_level_aten_ops=len([e for e in aten if e.cpu_parent is None]))
 
 
 def _rss_mb() -> float:
@@ -195,11 +237,14 @@ def measure_step(device: str = "cpu", history: int = 1000, window: int = 60, n_s
 # the command
 
 
-def configs(device: str, lengths, backends, batch: int | None, **kw):
+def configs(device: str, lengths, backends, batch: int | None, diag_no_layer_check=False, **kw):
     for T in lengths:
         B = batch or (GPU_BATCH if device == "cuda" else max(1, CPU_TOKENS // T))
         for kind, backend in [("aaren", b) for b in backends] + [("transformer", "sdpa")]:
             yield Config(kind, backend, T, B, device, **kw, **DT_DEFAULTS)
+        if diag_no_layer_check:
+            for backend in backends:
+                yield Config("aaren", backend, T, B, device, layer_checks=False, **kw, **DT_DEFAULTS)
 
 
 def available_backends(device: str) -> list[str]:
@@ -212,7 +257,7 @@ def table_fwd_bwd(results: list[dict]) -> str:
     lines = ["| tokens | batch | mixer | fwd+bwd ms | tokens/s | peak MB |", "|---:|---:|---|---:|---:|---:|"]
     for r in results:
         c = r["config"]
-        mixer = f"{c['kind']} ({c['backend']})"
+        mixer = f"{c['kind']} ({c['backend']}{'' if c.get('layer_checks', True) else ', no layer check'})"
         ok = r["status"] == "ok"
         lines.append(f"| {c['seq_len']} | {c['batch']} | {mixer} | {common.fmt(r['ms_median'] if ok else r['status'])} | "
                      f"{common.fmt(r['tokens_per_s'], nd=0)} | {common.fmt(r['peak_mem_mb'], nd=1)} |")
@@ -241,6 +286,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "process gives steadier numbers than two threads fighting another job for two cores)")
     p.add_argument("--tune-scan", action="store_true",
                    help="CUDA: first try the Triton kernel's block shapes at (64, 1, 3000, 128), use the fastest")
+    p.add_argument("--scan-config", default=None,
+                   help="CUDA: use the kernel block shapes under 'tuned' in this JSON (from 'bench scan --tune')")
+    p.add_argument("--diag-no-layer-check", action="store_true",
+                   help="diagnostic: also time Aaren without its per-layer input check (a host sync)")
+    p.add_argument("--count-launches", action="store_true",
+                   help="also count operators and CUDA kernels in one fwd+bwd at the shortest length")
     p.add_argument("--no-step", action="store_true", help="skip the batch-1 step measurement")
     p.add_argument("--history", type=int, default=1000, help="tokens in the KV cache before timing steps")
     p.add_argument("--json", default=None, help="result file (default: benchmarks/results/layer_DEVICE_MACHINE.json)")
@@ -262,15 +313,21 @@ def run(args: argparse.Namespace) -> int:
         from ..kernels import triton_scan
         from .scan import tune
 
-        tuned = tune(GPU_BATCH, DT_DEFAULTS["num_heads"], 3000, DT_DEFAULTS["embed_dim"] // DT_DEFAULTS["num_heads"], device)
+        tuned = tune([(GPU_BATCH, DT_DEFAULTS["num_heads"], 3000, DT_DEFAULTS["embed_dim"] // DT_DEFAULTS["num_heads"])],
+                     device)
         triton_scan.DEFAULTS.update(tuned)
+    if args.scan_config and "triton" in backends:
+        from ..kernels import triton_scan
+
+        tuned = json.load(open(args.scan_config)).get("tuned")
+        triton_scan.DEFAULTS.update(tuned or {})
     if "triton" in backends:
         from ..kernels import triton_scan
 
         info["scan_kernel_config"] = triton_scan.DEFAULTS
     results = []
     for cfg in configs(device, args.lengths, backends, args.batch, warmup=warmup, repeats=repeats,
-                       budget_s=args.budget_s, threads=threads):
+                       budget_s=args.budget_s, threads=threads, diag_no_layer_check=args.diag_no_layer_check):
         if device == "cpu":
             res = measure_in_subprocess(cfg, args.timeout_s)
         else:
@@ -279,13 +336,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {cfg.kind:11s} {cfg.backend:6s} T={cfg.seq_len:6d} B={cfg.batch:3d}: "
               f"{common.fmt(res.ms_median if res.status == 'ok' else res.status)} ms, "
               f"peak {common.fmt(res.peak_mem_mb, nd=1)} MB", flush=True)
+    launches = []
+    if args.count_launches:
+        T = min(args.lengths)
+        B = args.batch or (GPU_BATCH if device == "cuda" else max(1, CPU_TOKENS // T))
+        for kind, backend in [("aaren", b) for b in backends] + [("transformer", "sdpa")]:
+            launches.append(count_launches(Config(kind, backend, T, B, device, **DT_DEFAULTS)))
+            print(f"  launches {launches[-1]}", flush=True)
     steps = [] if args.no_step else measure_step(device, history=args.history)
     payload = dict(
         benchmark="layer", machine=info, model=DT_DEFAULTS, dropout=0.0,
         peak_memory_method=("torch.cuda.max_memory_allocated during one fwd+bwd, minus allocated before"
                             if device == "cuda" else
                             "subprocess per config: getrusage max RSS minus RSS after a tiny warm-up run, before building the model"),
-        fwd_bwd=results, step=steps,
+        fwd_bwd=results, step=steps, launches=launches,
     )
     path = args.json or common.RESULTS_DIR / f"layer_{device}_{common.machine_slug(info)}.json"
     common.write_json(path, payload)

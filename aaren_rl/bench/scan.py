@@ -1,0 +1,187 @@
+"""The Aaren scan alone: plain (``layer.prefix_scan`` + readout) vs the fused Triton kernel.
+
+Times forward and backward of s (B, H, T), v (B, H, T, Dh) -> o, and turns the kernel's times
+into achieved memory bandwidth, compared with a device-to-device copy measured in the same run.
+Bytes counted are those the implementation must move at least once:
+
+* forward: read s, v; write o, and r, u (two float32 per token and head, kept for the backward);
+* backward: read s, v, o, g, r, u; write dv and ds (the shares of ds per Dh block, summed after
+  the kernel, are left out: 4 bytes per token and Dh block).
+
+``--tune`` also tries kernel settings and uses the fastest (the kernel's
+defaults in ``kernels/triton_scan.py`` come from such a run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+
+from . import common
+
+SHAPES = [  # (B, H, T, Dh): the layer bench's shapes at 3000 tokens, and a large one for bandwidth
+    (64, 1, 3000, 128),
+    (64, 1, 12000, 128),
+    (512, 1, 4096, 128),
+]
+
+
+def _inputs(B, H, T, D, device, n_sets):
+    # several input sets, rotated, so that repeated calls do not run out of the L2 cache
+    gen = torch.Generator(device=device).manual_seed(0)
+    return [(torch.randn(B, H, T, generator=gen, device=device) * 3,
+             torch.randn(B, H, T, D, generator=gen, device=device),
+             torch.randn(B, H, T, D, generator=gen, device=device)) for _ in range(n_sets)]
+
+
+def _plain(s, v):
+    from ..layer import _readout, prefix_scan
+
+    _, u, w = prefix_scan(s, torch.ones_like(s), v)
+    return _readout(u, w)
+
+
+def launch_overhead_us(device: str, n: int = 200) -> dict:
+    """Host time per call of the kernel wrappers on a tiny input (no sync): launch cost."""
+    import time
+
+    from ..kernels import triton_scan as ts
+
+    s, v, g = _inputs(1, 1, 8, 16, device, 1)[0]
+    o, r, u = ts.scan_forward(s, v)
+    ts.scan_backward(s, v, o, r, u, g)
+    common.sync(device)
+    out = {}
+    for name, fn in (("fwd", lambda: ts.scan_forward(s, v)), ("bwd", lambda: ts.scan_backward(s, v, o, r, u, g))):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        out[name] = (time.perf_counter() - t0) / n * 1e6
+        common.sync(device)
+    return out
+
+
+def copy_bandwidth(device: str, gib: float = 2.0) -> float:
+    """GB/s of a large device-to-device copy, counting bytes read plus bytes written."""
+    x = torch.randn(int(gib * 2**30 / 4), device=device)
+    y = torch.empty_like(x)
+    ms = common.median(common.time_ms(lambda: y.copy_(x), device, warmup=3, repeats=20))
+    return 2 * x.numel() * 4 / (ms / 1e3) / 1e9
+
+
+def measure(B, H, T, D, device, fwd_cfg=None, bwd_cfg=None, plain=True, repeats=20):
+    from ..kernels import triton_scan as ts
+
+    n_sets = 1 if B * H * T * D * 4 > 2**30 else 3
+    sets = _inputs(B, H, T, D, device, n_sets)
+    it = itertools.cycle(range(n_sets))
+    fwd_cfg, bwd_cfg = fwd_cfg or ts.DEFAULTS["fwd"], bwd_cfg or ts.DEFAULTS["bwd"]
+    saved = [ts.scan_forward(s, v, **fwd_cfg) for s, v, _ in sets]
+
+    def fwd():
+        s, v, _ = sets[next(it)]
+        ts.scan_forward(s, v, **fwd_cfg)
+
+    def bwd():
+        i = next(it)
+        s, v, g = sets[i]
+        ts.scan_backward(s, v, *saved[i], g, **bwd_cfg)
+
+    n = B * H * T
+    tensor_bytes = n * D * 4
+    row = dict(B=B, H=H, T=T, Dh=D, fwd_cfg=fwd_cfg, bwd_cfg=bwd_cfg)
+    row["triton_fwd_ms"] = common.median(common.time_ms(fwd, device, 3, repeats))
+    row["triton_bwd_ms"] = common.median(common.time_ms(bwd, device, 3, repeats))
+    row["fwd_bytes"] = 2 * tensor_bytes + 3 * n * 4  # v, o; s, r, u
+    row["bwd_bytes"] = 4 * tensor_bytes + 4 * n * 4  # g, o, v, dv; s, r, u, ds
+    row["triton_fwd_GBps"] = row["fwd_bytes"] / (row["triton_fwd_ms"] / 1e3) / 1e9
+    row["triton_bwd_GBps"] = row["bwd_bytes"] / (row["triton_bwd_ms"] / 1e3) / 1e9
+    if plain:
+        s0, v0, g0 = sets[0]
+        try:
+            row["plain_fwd_ms"] = common.median(common.time_ms(lambda: _plain(s0, v0), device, 2, repeats))
+            sg, vg = s0.clone().requires_grad_(), v0.clone().requires_grad_()
+
+            def plain_fwd_bwd():
+                _plain(sg, vg).backward(g0)
+
+            row["plain_fwd_bwd_ms"] = common.median(common.time_ms(plain_fwd_bwd, device, 2, repeats))
+        except torch.OutOfMemoryError:
+            row["plain_fwd_ms"] = row["plain_fwd_bwd_ms"] = "oom"
+    del sets, saved
+    torch.cuda.empty_cache()
+    return row
+
+
+def tune(shapes, device) -> dict:
+    """Fastest kernel settings: programs per multiprocessor (how finely Dh is split) judged over
+    all ``shapes`` (sum of times relative to each shape's best), then tokens per block and warps
+    at the first shape."""
+    from ..kernels import triton_scan as ts
+
+    best = {}
+    for direction in ("fwd", "bwd"):
+        key = f"triton_{direction}_ms"
+
+        def time_cfg(shape, cfg):
+            try:
+                return measure(*shape, device, **{f"{direction}_cfg": cfg}, plain=False, repeats=10)[key]
+            except Exception as e:  # e.g. out of registers / shared memory for a large tile
+                print(f"  {direction} {cfg}: {type(e).__name__}: {str(e)[:100]}")
+                return float("inf")
+
+        base = dict(ts.DEFAULTS[direction])
+        table = {pps: [time_cfg(shape, dict(base, programs_per_sm=pps)) for shape in shapes] for pps in (2, 4, 8, 16)}
+        floor = [min(col) for col in zip(*table.values())]
+        score = {pps: sum(t / f for t, f in zip(ts_, floor)) for pps, ts_ in table.items()}
+        for pps, ts_ in table.items():
+            print(f"  {direction} programs_per_sm={pps}: " + ", ".join(f"{t:.3f}" for t in ts_) + " ms")
+        base["programs_per_sm"] = min(score, key=score.get)
+        trials = {}
+        for block_t, warps in [(32, 2), (32, 4), (64, 2), (64, 4), (128, 2), (128, 4), (128, 8)]:
+            cfg = dict(base, block_t=block_t, num_warps=warps)
+            trials[block_t, warps] = (cfg, [time_cfg(shape, cfg) for shape in shapes])
+        floor = [min(col) for col in zip(*(t for _, t in trials.values()))]
+        score = {key: sum(t / f for t, f in zip(times, floor)) for key, (_, times) in trials.items()}
+        for key in sorted(score, key=score.get)[:4]:
+            print(f"  {direction} block_t, warps = {key}: " + ", ".join(f"{t:.3f}" for t in trials[key][1]) + " ms")
+        best[direction] = trials[min(score, key=score.get)][0]
+    return best
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tune", action="store_true", help="try kernel settings first, use the fastest")
+    p.add_argument("--json", default=None, help="result file (default: benchmarks/results/scan_cuda_MACHINE.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        raise SystemExit("the scan benchmark times the Triton kernel, which needs a CUDA device")
+    from ..kernels import triton_scan as ts
+
+    device = "cuda"
+    info = common.machine_info(device)
+    copy = copy_bandwidth(device)
+    overhead = launch_overhead_us(device)
+    tuned = None
+    if args.tune:
+        tuned = tune([SHAPES[0], SHAPES[2]], device)
+        ts.DEFAULTS.update(tuned)
+        print(f"tuned: {tuned}")
+    rows = [measure(*shape, device) for shape in SHAPES]
+    path = args.json or common.RESULTS_DIR / f"scan_cuda_{common.machine_slug(info)}.json"
+    common.write_json(path, dict(benchmark="scan", machine=info, copy_GBps=copy, tuned=tuned, config=ts.DEFAULTS,
+                                         launch_overhead_us=overhead, rows=rows))
+    print(f"\n{info['gpu']}: device copy {copy:.0f} GB/s (read + write); host time per call "
+          f"fwd {overhead['fwd']:.0f} µs, bwd {overhead['bwd']:.0f} µs; kernel settings {ts.DEFAULTS}\n")
+    print("| B, H, T, Dh | triton fwd ms | GB/s | % copy | triton bwd ms | GB/s | % copy | plain fwd ms | plain fwd+bwd ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['B']}, {r['H']}, {r['T']}, {r['Dh']} | {r['triton_fwd_ms']:.3f} | {r['triton_fwd_GBps']:.0f} | "
+              f"{100 * r['triton_fwd_GBps'] / copy:.0f}% | {r['triton_bwd_ms']:.3f} | {r['triton_bwd_GBps']:.0f} | "
+              f"{100 * r['triton_bwd_GBps'] / copy:.0f}% | {common.fmt(r.get('plain_fwd_ms'), nd=3)} | "
+              f"{common.fmt(r.get('plain_fwd_bwd_ms'), nd=3)} |")
+    print(f"\nwrote {path}")
+    return 0

@@ -1,0 +1,137 @@
+"""The fused Triton scan == the plain scan + readout, forward and backward.
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before Triton is
+imported); without Triton the file is skipped.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined (import)
+pytest.importorskip("triton")
+
+from aaren_rl import Aaren, kernels  # noqa: E402
+from aaren_rl.kernels import triton_scan  # noqa: E402
+from aaren_rl.layer import _readout, prefix_scan  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the interpreter evaluates both sides of tl.where, e.g. 1 / 0 where u == 0, with NumPy
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",
+                                        "ignore:invalid value encountered:RuntimeWarning")
+NEG_INF = float("-inf")
+
+
+def reference(s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The plain path of Aaren.forward: scan the triples (s, 1, v), read out w / u."""
+    u = torch.where(torch.isneginf(s), 0.0, 1.0).to(s.dtype)
+    _, u, w = prefix_scan(s, u, v)
+    return _readout(u, w)
+
+
+def inputs(B, H, T, D, seed, scale=3.0, pad=None):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, H, T, generator=g, dtype=torch.float64) * scale
+    v = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    if pad is not None:
+        s = s.masked_fill(pad.unsqueeze(1), NEG_INF)
+    return s, v
+
+
+def rel_err(a, b):
+    return ((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm().clamp_min(1e-30)).item()
+
+
+SHAPES = [(1, 1, 1, 4), (2, 1, 7, 8), (2, 3, 64, 16), (1, 2, 200, 24), (3, 1, 130, 32)]
+
+
+@pytest.mark.parametrize("B,H,T,D", SHAPES)
+@pytest.mark.parametrize("block_d", [None, 8])
+def test_forward_equals_plain_scan(B, H, T, D, block_d):
+    s, v = inputs(B, H, T, D, seed=T + D)
+    o, r, u = triton_scan.scan_forward(s.float().to(DEVICE), v.float().to(DEVICE), block_t=16, block_d=block_d)
+    assert torch.isfinite(o).all()
+    assert rel_err(o, reference(s, v)) < 1e-5
+    assert rel_err(r, torch.cummax(s, -1).values) < 1e-6
+
+
+@pytest.mark.parametrize("scale", [0.1, 30.0, 300.0])
+def test_forward_stable_for_any_score_magnitude(scale):
+    # e^s overflows float32 for s > 88: every exponent must be taken relative to a running max
+    s, v = inputs(2, 1, 100, 16, seed=1, scale=scale)
+    o = kernels.aaren_scan(s.float().to(DEVICE), v.float().to(DEVICE))
+    assert rel_err(o, reference(s, v)) < 1e-5
+
+
+def padding_masks(B, T):
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[0, :5] = True  # padding first: an empty prefix reads out as 0
+    pad[1, 20:40] = True  # a gap in the middle, across a block boundary
+    pad[2, :] = True  # nothing at all
+    return pad
+
+
+def test_padding_matches_plain_scan_and_gives_zero_for_empty_prefix():
+    B, T = 3, 70
+    s, v = inputs(B, 2, T, 8, seed=3, pad=padding_masks(B, T))
+    o = kernels.aaren_scan(s.float().to(DEVICE), v.float().to(DEVICE))
+    assert torch.isfinite(o).all()
+    assert rel_err(o, reference(s, v)) < 1e-5
+    assert (o[0, :, :5] == 0).all() and (o[2] == 0).all()
+
+
+@pytest.mark.parametrize("B,H,T,D", SHAPES[1:])
+@pytest.mark.parametrize("block_d", [None, 8])
+def test_backward_equals_autograd_of_plain_scan(B, H, T, D, block_d):
+    pad = padding_masks(B, T) if B >= 3 else None
+    s, v = inputs(B, H, T, D, seed=T * D, pad=pad)
+    g = torch.randn(B, H, T, D, dtype=torch.float64)
+    # reference: float64 autograd through the plain scan
+    s64, v64 = s.clone().requires_grad_(), v.clone().requires_grad_()
+    reference(s64, v64).backward(g)
+    # kernel, float32
+    sf, vf, gf = (t.float().to(DEVICE) for t in (s, v, g))
+    o, r, u = triton_scan.scan_forward(sf, vf, block_t=16, block_d=block_d)
+    ds, dv = triton_scan.scan_backward(sf, vf, o, r, u, gf, block_t=16, block_d=block_d)
+    assert torch.isfinite(ds).all() and torch.isfinite(dv).all()
+    ref_ds = torch.nan_to_num(s64.grad)  # padding: no gradient
+    assert rel_err(dv, v64.grad) < 1e-5
+    assert rel_err(ds, ref_ds) < 1e-5
+    if pad is not None:
+        assert (ds.cpu()[pad.unsqueeze(1).expand_as(ds)] == 0).all()
+
+
+def test_autograd_function_gradcheck_in_float32():
+    s, v = inputs(2, 1, 40, 8, seed=7)
+    sf = s.float().to(DEVICE).requires_grad_()
+    vf = v.float().to(DEVICE).requires_grad_()
+    g = torch.randn(2, 1, 40, 8).to(DEVICE)
+    kernels.aaren_scan(sf, vf).backward(g)
+    s64, v64 = s.clone().requires_grad_(), v.clone().requires_grad_()
+    reference(s64, v64).backward(g.double().cpu())
+    assert rel_err(sf.grad, s64.grad) < 1e-5 and rel_err(vf.grad, v64.grad) < 1e-5
+
+
+def test_plain_scan_on_cpu_tensors():
+    assert not kernels.use_fused_scan(torch.zeros(1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the layer dispatches to the kernel on CUDA only")
+def test_aaren_layer_on_cuda_uses_kernel_with_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    layer = Aaren(32, 2).cuda()
+    with torch.no_grad():
+        layer.query.normal_()
+    x = torch.randn(3, 150, 32, device="cuda")
+    pad = padding_masks(3, 150).cuda()
+    outs = []
+    for fused in (True, False):
+        layer.zero_grad()
+        with kernels.use_triton(fused):
+            y = layer(x, padding_mask=pad)
+        y.square().sum().backward()
+        outs.append((y.detach(), layer.kv.weight.grad.clone(), layer.query.grad.clone()))
+    for a, b in zip(*outs):
+        assert rel_err(a, b) < 1e-4
