@@ -46,7 +46,11 @@ class PolicyState:
 class StreamingPolicy:
     """Acts with a trained ``DecisionModel``, conditioned on ``target_return``."""
 
-    def __init__(self, model: DecisionModel, target_return: float, mode: str | None = None):
+    def __init__(self, model: DecisionModel, target_return: float, mode: str | None = None,
+                 fast: bool | None = None):
+        """``fast``: the compiled CPU step for an Aaren backbone in recurrent mode
+        (``aaren_rl.kernels.cpu_step``, same actions): None uses it where it applies, True requires
+        it, False never uses it."""
         if mode is None:
             mode = "recurrent" if model.config.context == "episode" else "window"
         if mode not in MODES:
@@ -59,6 +63,14 @@ class StreamingPolicy:
         self.K = c.context_len
         # a Transformer trained on K-step windows keeps only that much cache when streaming
         self.max_cache_tokens = 3 * c.context_len if (c.backbone == "transformer" and c.context == "window") else None
+        self.fast_step = None
+        if fast or (fast is None and mode == "recurrent"):
+            from .kernels import cpu_step
+
+            reason = "mode is 'window'" if mode != "recurrent" else cpu_step.unsupported_reason(model)
+            if reason and fast:
+                raise ValueError(f"fast=True, but the compiled CPU step does not apply: {reason}")
+            self.fast_step = None if reason else cpu_step.FastAarenStep(model)
 
     # -- state ------------------------------------------------------------------------------
     def reset(self, n_envs: int = 1) -> PolicyState:
@@ -164,6 +176,10 @@ class StreamingPolicy:
         return replace(state, prev_action=a)
 
     def _step_recurrent(self, obs: Tensor, state: PolicyState, starts: Tensor):
+        if self.fast_step is not None:  # the same computation as below, as one C call
+            out, backbone = self.fast_step.step_torch(obs, state.prev_action, state.returns_to_go, state.timestep,
+                                                      starts, state.backbone)
+            return out, replace(state, backbone=backbone)
         m, t = self.model, state.timestep
         tokens = torch.stack([
             m.embed(A, state.prev_action, (t - 1).clamp(min=0)),

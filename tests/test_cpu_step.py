@@ -1,0 +1,150 @@
+"""The compiled CPU step (aaren_rl.kernels.cpu_step): the same actions and state as the torch path."""
+
+import numpy as np
+import pytest
+import torch
+
+from aaren_rl.kernels import cpu_step
+from aaren_rl.model import DecisionModel, ModelConfig
+from aaren_rl.policy import StreamingPolicy
+
+needs_compiler = pytest.mark.skipif(not cpu_step.available(), reason="no C compiler: the torch path is used")
+
+
+def make_model(discrete=False, n_layer=2, embed_dim=32, n_head=2, obs_dim=5, act_dim=3, max_timestep=1000, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(backbone="aaren", context="episode", n_layer=n_layer, embed_dim=embed_dim, n_head=n_head,
+                      max_timestep=max_timestep, return_scale=10.0, observation_dim=obs_dim, action_dim=act_dim,
+                      discrete=discrete, action_low=[] if discrete else [-2.0] * act_dim,
+                      action_high=[] if discrete else [1.0] * act_dim)
+    model = DecisionModel(cfg, obs_mean=torch.randn(obs_dim), obs_std=torch.rand(obs_dim) + 0.5)
+    with torch.no_grad():  # break GPT-2's small init so that every input matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def rollout(n_envs, T, obs_dim, act_dim, discrete, seed=1):
+    """Observations, rewards, episode starts (random, some rows restarting mid-run) and the
+    actions "executed" (sometimes overriding the policy's own), for T steps of n_envs envs."""
+    rng = np.random.default_rng(seed)
+    obs = (rng.normal(size=(T, n_envs, obs_dim)) * 2).astype(np.float32)
+    rewards = rng.normal(size=(T, n_envs)).astype(np.float32)
+    starts = rng.random((T, n_envs)) < 0.15
+    starts[0] = True
+    taken = rng.integers(0, act_dim, (T, n_envs)) if discrete else rng.uniform(-2, 1, (T, n_envs, act_dim)).astype(np.float32)
+    override = rng.random(T) < 0.3
+    return obs, rewards, starts, taken, override
+
+
+def state_arrays(state):
+    return [torch.stack([getattr(s, k) for s in state.backbone]).numpy() for k in ("m", "u", "w")]
+
+
+def assert_state_close(got, want):
+    for g, w in zip(got, want):
+        assert np.array_equal(np.isneginf(g), np.isneginf(w))
+        fin = np.isfinite(w)
+        scale = max(1.0, float(np.abs(w[fin]).max()))
+        assert np.abs(g[fin] - w[fin]).max() <= 1e-5 * scale
+
+
+CONFIGS = {  # (n_layer, embed_dim, n_head, obs_dim, act_dim, max_timestep)
+    "small-2-heads": (2, 32, 2, 5, 3, 1000),
+    "dt-default": (3, 128, 1, 17, 6, 1000),
+    "timestep-clamp": (1, 48, 3, 4, 2, 8),  # episodes outrun the timestep table
+}
+
+
+@needs_compiler
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("n_envs", [1, 4, 7])
+@pytest.mark.parametrize("discrete", [False, True])
+def test_fast_policy_equals_reference_with_episode_starts(config, n_envs, discrete):
+    L, E, H, obs_dim, act_dim, tmax = CONFIGS[config]
+    model = make_model(discrete, L, E, H, obs_dim, act_dim, tmax)
+    ref, fast = StreamingPolicy(model, 7.0, fast=False), StreamingPolicy(model, 7.0, fast=True)
+    lean = cpu_step.FastAarenPolicy(model, 7.0, n_envs)
+    assert ref.fast_step is None and fast.fast_step is not None
+    obs, rewards, starts, taken, override = rollout(n_envs, 25, obs_dim, act_dim, discrete)
+    s_ref = s_fast = None
+    for t in range(len(obs)):
+        rew = rewards[t - 1] if t else None
+        a_ref, s_ref = ref.predict(obs[t], s_ref, episode_start=starts[t], reward=rew)
+        a_fast, s_fast = fast.predict(obs[t], s_fast, episode_start=starts[t], reward=rew)
+        a_lean = lean.predict(obs[t], episode_start=starts[t], reward=rew).copy()
+        if discrete:
+            assert (a_fast == a_ref).all() and (a_lean == a_ref).all()
+        else:
+            assert np.abs(a_fast - a_ref).max() <= 1e-5
+            assert np.abs(a_lean - a_ref).max() <= 1e-5
+        if override[t]:
+            s_ref = ref.record_action(s_ref, taken[t])
+            s_fast = fast.record_action(s_fast, taken[t])
+            lean.record_action(taken[t])
+        assert_state_close(state_arrays(s_fast), state_arrays(s_ref))
+    assert_state_close([lean.m, lean.u, lean.w], state_arrays(s_ref))
+    assert torch.equal(s_fast.timestep, s_ref.timestep) and np.array_equal(lean.timestep, s_ref.timestep.numpy())
+
+
+@needs_compiler
+def test_fast_step_leaves_the_given_state_unchanged_and_sees_weight_updates():
+    model = make_model()
+    ref, fast = StreamingPolicy(model, 3.0, fast=False), StreamingPolicy(model, 3.0)
+    obs, rewards, starts, _, _ = rollout(2, 6, 5, 3, False)
+    s_fast = None
+    for t in range(5):
+        _, s_fast = fast.predict(obs[t], s_fast, episode_start=starts[t], reward=rewards[t - 1] if t else None)
+    before = [a.copy() for a in state_arrays(s_fast)]
+    a1, _ = fast.predict(obs[5], s_fast, reward=rewards[4])
+    a2, _ = fast.predict(obs[5], s_fast, reward=rewards[4])  # the same state again: the same action
+    assert np.array_equal(a1, a2)
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(before, state_arrays(s_fast)))
+    with torch.no_grad():  # training goes on: the next step must use the new weights
+        model.backbone.blocks[0].mlp.fc.weight.mul_(1.5)
+    s_ref = s_fast
+    a_fast, _ = fast.predict(obs[5], s_fast, reward=rewards[4])
+    a_ref, _ = ref.predict(obs[5], s_ref, reward=rewards[4])
+    assert np.abs(a_fast - a_ref).max() <= 1e-5 and np.abs(a_fast - a1).max() > 1e-4
+
+
+@needs_compiler
+def test_lean_policy_state_bytes_are_constant():
+    model = make_model()
+    lean = cpu_step.FastAarenPolicy(model, 1.0, 3)
+    nbytes = []
+    for t in range(300):
+        lean.predict(np.ones((3, 5), np.float32), reward=np.zeros(3, np.float32))
+        nbytes.append(lean.state_nbytes())
+    assert len(set(nbytes)) == 1 and nbytes[0] == 2 * (4 * 2 * 3 * 2) + 4 * 2 * 3 * 32
+
+
+def test_unsupported_models_fall_back_to_the_torch_path():
+    cfg = dict(observation_dim=3, action_dim=2, action_low=[-1, -1], action_high=[1, 1], n_layer=1, embed_dim=32, n_head=1)
+    transformer = DecisionModel(ModelConfig(backbone="transformer", **cfg))
+    assert StreamingPolicy(transformer, 1.0, mode="recurrent").fast_step is None
+    with pytest.raises(ValueError, match="backbone is 'transformer'"):
+        StreamingPolicy(transformer, 1.0, mode="recurrent", fast=True)
+    narrow = DecisionModel(ModelConfig(**{**cfg, "embed_dim": 24, "n_head": 2}))
+    assert StreamingPolicy(narrow, 1.0, mode="recurrent").fast_step is None
+    aaren = DecisionModel(ModelConfig(**cfg))
+    assert StreamingPolicy(aaren, 1.0, mode="window").fast_step is None
+    assert StreamingPolicy(aaren, 1.0, mode="recurrent").fast_step is not None or not cpu_step.available()
+    assert StreamingPolicy(aaren.double(), 1.0, mode="recurrent").fast_step is None  # float32 only
+    with pytest.raises(ValueError, match="mode is 'window'"):
+        StreamingPolicy(aaren, 1.0, mode="window", fast=True)
+
+
+def test_no_compiler_falls_back_cleanly(monkeypatch):
+    monkeypatch.setenv("AAREN_RL_NO_CPU_KERNEL", "1")
+    cpu_step.load_library.cache_clear()
+    try:
+        model = make_model()
+        policy = StreamingPolicy(model, 1.0)
+        assert policy.fast_step is None
+        a, _ = policy.predict(np.zeros(5, np.float32))
+        assert a.shape == (3,)
+        with pytest.raises(ValueError, match="no C compiler"):
+            StreamingPolicy(model, 1.0, fast=True)
+    finally:
+        cpu_step.load_library.cache_clear()
