@@ -33,7 +33,7 @@ class ModelConfig:
     embed_dim: int = 128
     n_head: int = 1
     dropout: float = 0.1
-    context: str = "episode"  # "window": the last K timesteps (DT); "episode": everything since t = 0
+    context: str = "window"  # training context: "window": K-step windows (DT); "episode": whole episodes from t = 0
     context_len: int = 20  # K, timesteps per training window (window context only)
     max_timestep: int = 1000  # size of the timestep embedding; later timesteps share the last row
     return_scale: float = 1000.0  # returns-to-go are divided by this (DT: 1000 for MuJoCo)

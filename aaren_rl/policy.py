@@ -6,11 +6,12 @@ where ``state`` is carried by the caller and ``episode_start`` (the previous ste
 needs the reward just received (to lower the return still to go), hence ``reward``.
 
 Two modes:
-- ``"recurrent"``: every environment step feeds (a_{t-1}, R_t, s_t) as one 3-token chunk into the
-  backbone's recurrent state. For Aaren the state has a constant size, whatever t is; for the
-  Transformer it is a key/value cache that grows (kept to the last K timesteps for a model trained
-  on K-step windows). For a model trained on whole episodes this is exact: the actions equal the
-  parallel forward pass on the same trajectory.
+- ``"recurrent"`` (the default for Aaren): every environment step feeds (a_{t-1}, R_t, s_t) as one
+  3-token chunk into the backbone's recurrent state. For Aaren the state has a constant size,
+  whatever t is; for the Transformer it is a key/value cache that grows (kept to the last K
+  timesteps for a model trained on K-step windows). The actions equal the parallel forward pass
+  over the whole trajectory so far. An Aaren model trained on K-step windows thus conditions on
+  the whole episode when it acts (measured: it scores as well or better than recomputing windows).
 - ``"window"``: Decision Transformer's evaluation: keep the last K timesteps and recompute them all
   at every step.
 """
@@ -51,8 +52,9 @@ class StreamingPolicy:
         """``fast``: the compiled CPU step for an Aaren backbone in recurrent mode
         (``aaren_rl.kernels.cpu_step``, same actions): None uses it where it applies, True requires
         it, False never uses it."""
-        if mode is None:
-            mode = "recurrent" if model.config.context == "episode" else "window"
+        if mode is None:  # Aaren always streams; a Transformer trained on windows recomputes them
+            c = model.config
+            mode = "recurrent" if (c.backbone == "aaren" or c.context == "episode") else "window"
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model = model.eval()

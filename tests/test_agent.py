@@ -153,3 +153,11 @@ def test_loss_ignores_padding():
     changed = target.clone()
     changed[1, 4:] += 100  # targets under padding must not matter
     assert torch.equal(model.loss(pred, target, pad), model.loss(pred, changed, pad))
+
+
+def test_default_policy_modes():
+    # Aaren always streams with its constant state; a window-trained Transformer recomputes windows
+    assert StreamingPolicy(make_model("aaren", "window"), 0.0).mode == "recurrent"
+    assert StreamingPolicy(make_model("aaren", "episode"), 0.0).mode == "recurrent"
+    assert StreamingPolicy(make_model("transformer", "window"), 0.0).mode == "window"
+    assert StreamingPolicy(make_model("transformer", "episode"), 0.0).mode == "recurrent"
