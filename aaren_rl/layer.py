@@ -160,8 +160,17 @@ def check_tokens(name: str, x: Tensor, width: int, ranks=(3,)) -> None:
         raise ValueError(f"{name} must be {want} (batch, [seq,] {width}), got shape {tuple(x.shape)}")
     if x.shape[-1] != width:
         raise ValueError(f"{name} has width {x.shape[-1]} in its last dim, expected {width}")
-    if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+    if _can_read_back(x) and not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf")
+
+
+def _can_read_back(x: Tensor) -> bool:
+    """Whether an input check may read a value back to the host: not while torch.compile traces
+    (it would break the graph) nor while a CUDA graph captures (a sync is illegal there). Those
+    paths run the training step, whose loss the loop checks at every log line instead."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def check_padding_mask(padding_mask, x: Tensor):

@@ -4,6 +4,12 @@ Decision Transformer's recipe: AdamW with linear warm-up, gradient clipping, dro
 actions (cross-entropy for discrete actions). ``context="window"`` samples K-step windows as DT
 does; ``context="episode"`` samples whole episodes from t = 0 and trains every prefix in one
 parallel pass (the Aaren scan), which is what the recurrent policy sees when it acts.
+
+Speed (``TrainConfig.compile``): at DT's size a step is a few hundred small kernels, so on a GPU
+the host's launching, not the GPU, bounds it. ``"cudagraph"`` (the default on CUDA) captures the
+whole update (sampling, forward, backward, clip, AdamW) once in a CUDA graph and replays it;
+``UpdateStep`` says what that requires. Nothing in the loop reads the GPU back except the log
+lines, every ``log_every`` updates. Measurements: docs/train_speed.md.
 """
 
 from __future__ import annotations
@@ -19,9 +25,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 from .checkpoint import load_trainer_state, resolve_checkpoint, save_checkpoint
 from .data import TrajectoryDataset
-from .evaluate import evaluate_policy
 from .model import DecisionModel, ModelConfig
-from .policy import StreamingPolicy
+
+# how the update runs: "none" eagerly; "cudagraph" captured once in a CUDA graph and replayed;
+# "torch.compile" with the forward and loss compiled; "torch.compile+cudagraph" both;
+# "auto": "cudagraph" on CUDA (the fastest measured on the H200, docs/train_speed.md), else "none"
+COMPILE_MODES = ("auto", "none", "cudagraph", "torch.compile", "torch.compile+cudagraph")
 
 
 @dataclass
@@ -37,6 +46,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when available, else CPU
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    compile: str = "auto"  # one of COMPILE_MODES; the same losses, fewer host launches on CUDA
     max_episode_len: int | None = None  # episode context: crop episodes to their first N steps
     log_every: int = 100
     eval_every: int = 10_000  # 0: evaluate only at the end
@@ -55,6 +65,8 @@ class TrainConfig:
         for name in ("weight_decay", "warmup_steps", "eval_every", "eval_episodes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train config: {name} must be >= 0, got {getattr(self, name)}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"train config: compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         return self
 
 
@@ -77,6 +89,149 @@ def model_config_for(dataset: TrajectoryDataset, **overrides) -> ModelConfig:
     return c.validate()
 
 
+# ----------------------------------------------------------------------------------------------
+# One update, eager or replayed from a CUDA graph
+
+
+def resolve_compile(mode: str, device: torch.device) -> str:
+    """The compile mode to use on ``device`` ("auto" resolved; CUDA graphs need a CUDA device)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
+    if mode == "auto":
+        return "cudagraph" if device.type == "cuda" else "none"
+    if "cudagraph" in mode and device.type != "cuda":
+        raise ValueError(f"compile={mode!r} needs a CUDA device, but training runs on {device}; "
+                         f"use 'none' or 'torch.compile'")
+    return mode
+
+
+def make_optimizer(model: DecisionModel, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on embeddings, biases, norms): DT's recipe."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate)
+
+
+def make_capturable(optimizer: torch.optim.Optimizer) -> None:
+    """Let a CUDA graph replay ``optimizer.step()``: the fused kernel, step counts and learning
+    rate as device tensors (a float learning rate would be frozen into the graph; the schedule
+    fills the tensor in place between replays)."""
+    for group in optimizer.param_groups:
+        device = group["params"][0].device
+        group.update(capturable=True, fused=True, foreach=None)
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+    for param, state in optimizer.state.items():
+        if "step" in state:
+            state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
+
+
+def portable_state(optimizer: torch.optim.Optimizer, scheduler) -> tuple[dict, dict]:
+    """Optimizer and schedule state as the eager optimizer keeps it (float learning rates, not
+    fused or capturable), so that a checkpoint resumes in any compile mode."""
+    opt = optimizer.state_dict()  # fresh group dicts; the tensors are the live ones
+    for group in opt["param_groups"]:
+        group.update(lr=float(group["lr"]), capturable=False, fused=None, foreach=None)
+    sched = scheduler.state_dict()
+    sched["_last_lr"] = [float(x) for x in sched.get("_last_lr", [])]
+    return opt, sched
+
+
+class UpdateStep:
+    """One training update: sample a batch on the device, forward (bf16 autocast on CUDA), loss,
+    backward, gradient clip, AdamW step, learning-rate schedule.
+
+    A call never waits for the GPU: the loss is added to ``loss_sum`` and the gradient norm kept
+    in ``grad_norm`` (device tensors; ``pop_mean_loss`` reads them, one sync per log interval).
+
+    ``mode`` "cudagraph": the first ``warmup`` calls run eagerly on a side stream (real updates,
+    which also compile the Triton kernels and create the optimizer's state), the next call
+    captures one update in a CUDA graph, and every call from then on replays it: one launch
+    instead of several hundred, so the host no longer bounds small models. A graph replays fixed
+    shapes and addresses: batches must have one length (episode context: pad to a fixed
+    ``max_len``), the optimizer must be capturable (``make_capturable``), the sampler's generator
+    is registered with the graph (each replay draws new batches), and nothing inside may read a
+    value back to the host (the layers skip their input checks while capturing).
+    ``"torch.compile"`` compiles the forward and loss (fixed shapes too).
+    """
+
+    def __init__(self, model: DecisionModel, optimizer, scheduler, sample_batch, *, mode: str = "none",
+                 amp: bool = False, grad_clip: float = 0.25, generators=(), warmup: int = 3):
+        self.model, self.optimizer, self.scheduler, self.sample_batch = model, optimizer, scheduler, sample_batch
+        self.device = next(model.parameters()).device
+        self.mode, self.amp, self.grad_clip = mode, amp, grad_clip
+        self.graphed = "cudagraph" in mode
+        self.generators, self.warmup = list(generators), warmup
+        forward_loss = self._forward_loss
+        self.forward_loss = torch.compile(forward_loss, dynamic=False) if "torch.compile" in mode else forward_loss
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.grad_norm = torch.zeros((), device=self.device)
+        self.updates_since_pop = 0
+        self.graph = None
+        self._warmed = 0
+        self._side_stream = None
+
+    def _forward_loss(self, batch):
+        model = self.model
+        actions = model.normalize_action(batch.actions)
+        # autocast's cache of cast weights would live outside the graph's memory: off when graphed
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=not self.graphed):
+            pred = model(batch.returns_to_go, batch.observations, actions, batch.timesteps, batch.padding_mask)
+        return model.loss(pred.float(), actions, batch.padding_mask)
+
+    def _update(self):
+        loss = self.forward_loss(self.sample_batch())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.grad_norm.copy_(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip))
+        self.optimizer.step()
+        self.loss_sum += loss.detach()
+
+    def _eager_on_side_stream(self):
+        main = torch.cuda.current_stream(self.device)
+        self._side_stream = self._side_stream or torch.cuda.Stream(self.device)
+        self._side_stream.wait_stream(main)
+        with torch.cuda.stream(self._side_stream):
+            self._update()
+        main.wait_stream(self._side_stream)
+
+    def _capture(self):
+        # capturing runs nothing; keep every generator exactly where the eager updates left it
+        states = [(g, g.get_state()) for g in self.generators]
+        cuda_rng = torch.cuda.get_rng_state(self.device)
+        self.optimizer.zero_grad(set_to_none=True)  # the graph allocates the grads it writes
+        graph = torch.cuda.CUDAGraph()
+        for g in self.generators:
+            graph.register_generator_state(g)
+        with torch.cuda.graph(graph):
+            self._update()
+        for g, state in states:
+            g.set_state(state)
+        torch.cuda.set_rng_state(cuda_rng, self.device)
+        self.graph = graph
+
+    def __call__(self) -> None:
+        if not self.graphed:
+            self._update()
+        elif self.graph is not None:
+            self.graph.replay()
+        elif self._warmed < self.warmup:
+            self._eager_on_side_stream()
+            self._warmed += 1
+        else:
+            self._capture()
+            self.graph.replay()
+        self.scheduler.step()
+        self.updates_since_pop += 1
+
+    def pop_mean_loss(self) -> float:
+        """Mean loss of the updates since the last call (a device sync)."""
+        loss = (self.loss_sum / max(self.updates_since_pop, 1)).item()
+        self.loss_sum.zero_()  # in place: a graph holds its address
+        self.updates_since_pop = 0
+        return loss
+
+
 def train(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDataset, logdir: str | Path,
           resume: bool = False, progress: bool = True) -> DecisionModel:
     """Train and return the model; logs, checkpoints and the final evaluation go under ``logdir``."""
@@ -89,21 +244,22 @@ def train(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDat
     info = {"train": asdict(config), "dataset": dataset.summary(), "env_id": env_id, "target_return": target_return}
 
     # -- data: all of it on the device, batches by tensor indexing
+    mode = resolve_compile(config.compile, device)
     dataset.to(device)
     gen = torch.Generator(device=device).manual_seed(config.seed)
+    max_len = config.max_episode_len
+    if mode != "none" and max_len is None:
+        max_len = dataset.max_episode_length  # a graph (or compiled code) runs one batch shape
 
     def sample_batch():
         if model_config.context == "window":
             return dataset.sample_windows(config.batch_size, model_config.context_len, gen)
-        return dataset.sample_episodes(config.batch_size, gen, max_len=config.max_episode_len)
+        return dataset.sample_episodes(config.batch_size, gen, max_len=max_len)
 
     # -- model and optimizer
     torch.manual_seed(config.seed)
     model = DecisionModel(model_config, dataset.obs_mean, dataset.obs_std).to(device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate)
+    optimizer = make_optimizer(model, config)
     warmup = max(config.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 1.0))
     amp = config.amp and device.type == "cuda"
@@ -122,9 +278,14 @@ def train(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDat
             torch.cuda.set_rng_state(state["cuda_rng"])
         gen.set_state(state["sampler_rng"].to(gen.get_state().device))
         start = int(state["step"])
+    if "cudagraph" in mode:
+        make_capturable(optimizer)  # after the scheduler is built, which keeps float base rates
+    update = UpdateStep(model, optimizer, scheduler, sample_batch, mode=mode, amp=amp, grad_clip=config.grad_clip,
+                        generators=[gen])
 
     def trainer_state(step):
-        s = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+        opt, sched = portable_state(optimizer, scheduler)
+        s = {"optimizer": opt, "scheduler": sched, "step": step,
              "torch_rng": torch.get_rng_state(), "sampler_rng": gen.get_state().cpu()}
         if device.type == "cuda":
             s["cuda_rng"] = torch.cuda.get_rng_state()
@@ -138,6 +299,9 @@ def train(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDat
     def run_eval(step):
         if not env_id or config.eval_episodes == 0:
             return None
+        from .evaluate import evaluate_policy  # gymnasium only where an evaluation runs
+        from .policy import StreamingPolicy
+
         model.eval()
         policy = StreamingPolicy(model, target_return)
         res = evaluate_policy(policy, env_id, config.eval_episodes, seed=config.seed + step,
@@ -156,32 +320,22 @@ def train(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDat
 
     bar = tqdm(total=config.updates, initial=start, desc="train", unit="upd", disable=not progress, dynamic_ncols=True)
     model.train()
-    last_eval, last_loss, t_log, loss_sum, n_sum = None, float("nan"), time.perf_counter(), torch.zeros((), device=device), 0
+    last_eval, last_loss, t_log, n_log = None, float("nan"), time.perf_counter(), 0
     for step in range(start + 1, config.updates + 1):
-        batch = sample_batch()
-        actions = model.normalize_action(batch.actions)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            pred = model(batch.returns_to_go, batch.observations, actions, batch.timesteps, batch.padding_mask)
-        loss = model.loss(pred.float(), actions, batch.padding_mask)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        loss_sum += loss.detach()
-        n_sum += 1
+        update()  # no host sync: the loss stays on the device until the next log line
+        n_log += 1
 
         if step % config.log_every == 0 or step == config.updates:
+            last_loss = update.pop_mean_loss()  # one device sync per log interval
             now = time.perf_counter()
-            last_loss = (loss_sum / n_sum).item()  # one device sync per log interval
             if not math.isfinite(last_loss):
                 raise FloatingPointError(f"training loss became {last_loss} at update {step}")
             writer.add_scalar("train/loss", last_loss, step)
-            writer.add_scalar("train/learning_rate", scheduler.get_last_lr()[0], step)
-            writer.add_scalar("train/grad_norm", grad_norm.item(), step)
-            writer.add_scalar("train/updates_per_s", n_sum / (now - t_log), step)
+            writer.add_scalar("train/learning_rate", float(scheduler.get_last_lr()[0]), step)
+            writer.add_scalar("train/grad_norm", update.grad_norm.item(), step)
+            writer.add_scalar("train/updates_per_s", n_log / (now - t_log), step)
             bar.set_postfix(loss=f"{last_loss:.4f}", **({"eval": f"{last_eval:.1f}"} if last_eval is not None else {}))
-            t_log, loss_sum, n_sum = now, torch.zeros((), device=device), 0
+            t_log, n_log = now, 0
         if (config.eval_every and step % config.eval_every == 0) or step == config.updates:
             res = run_eval(step)
             if res is not None:
