@@ -4,14 +4,23 @@
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+TRITON ?= triton==3.8.0
 PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip install -q --disable-pip-version-check
 
 .PHONY: setup demo test test-all bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" -e ".[test]"
+	$(PIP) --upgrade pip
+	$(PIP) "$(TORCH)" -e .
+	touch $@
+
+# Tests also run the fused Triton scan in Triton's CPU interpreter. A CUDA build of torch brings
+# its own Triton, so only a CPU build gets $(TRITON) here.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) -e ".[test]"
+	$(PY) -c "import torch, sys; sys.exit(torch.version.cuda is not None)" && $(PIP) "$(TRITON)" || true
 	touch $@
 
 setup: $(VENV)/.installed
@@ -19,10 +28,10 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m aaren_rl demo
 
-test: setup
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
-test-all: setup
+test-all: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m ""
 
 bench: setup
