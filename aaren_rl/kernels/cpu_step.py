@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import operator
 import os
 import platform
 import shutil
@@ -250,8 +251,19 @@ def pack(model) -> tuple[np.ndarray, np.ndarray]:
 # The step
 
 
-def _versions(model) -> tuple:
-    return tuple(t._version for t in model.state_dict(keep_vars=True).values())
+def _versions(tensors) -> list[int]:
+    """In-place changes (optimizer steps, load_state_dict) bump a tensor's version counter."""
+    return list(map(_VERSION, tensors))
+
+
+_VERSION = operator.attrgetter("_version")
+
+
+def _c(x, dtype):
+    """x as a contiguous CPU tensor of dtype (no copy when it already is one)."""
+    if x.dtype == dtype and x.is_contiguous() and x.device.type == "cpu":
+        return x
+    return x.to("cpu", dtype).contiguous()
 
 
 class FastAarenStep:
@@ -280,7 +292,8 @@ class FastAarenStep:
         """Copy the model's current weights (done at construction; ``step_torch`` redoes it when
         any parameter or buffer changed in place since)."""
         self.params, self.meta = pack(self.model)
-        self._packed_versions = _versions(self.model)
+        self._tensors = list(self.model.state_dict(keep_vars=True).values())
+        self._packed_versions = _versions(self._tensors)
         self._io.params, self._io.meta = self.params.ctypes.data, self.meta.ctypes.data
 
     def scratch(self, n: int) -> np.ndarray:
@@ -304,7 +317,7 @@ class FastAarenStep:
         """
         from ..layer import AarenState
 
-        if _versions(self.model) != self._packed_versions:
+        if _versions(self._tensors) != self._packed_versions:
             self.repack()
         n = obs.shape[0]
         m = torch.stack([s.m for s in backbone])  # (L, n, H): fresh tensors the C step updates
@@ -312,25 +325,23 @@ class FastAarenStep:
         w = torch.stack([s.w for s in backbone])  # (L, n, H, Dh)
         if m.dtype != torch.float32 or m.device.type != "cpu":
             raise ValueError(f"state must be float32 on the CPU, got {m.dtype} on {m.device}")
-        obs = obs.to(torch.float32).contiguous()
-        rtg = returns_to_go.to(torch.float32).contiguous()
-        t = timestep.to(torch.int64).contiguous()
-        start = starts.to(torch.bool).contiguous()
+        obs, rtg = _c(obs, torch.float32), _c(returns_to_go, torch.float32)
+        t, start = _c(timestep, torch.int64), _c(starts, torch.bool)
         out = torch.empty(n, self.action_dim)
         io = self._io
         io.n = n
         io.obs, io.rtg, io.timestep, io.start = obs.data_ptr(), rtg.data_ptr(), t.data_ptr(), start.data_ptr()
         if self.discrete:
-            prev = prev_action.to(torch.int64).contiguous()
+            prev = _c(prev_action, torch.int64)
             io.prev_index, io.prev_action = prev.data_ptr(), None
         else:
-            prev = prev_action.to(torch.float32).contiguous()
+            prev = _c(prev_action, torch.float32)
             io.prev_action, io.prev_index = prev.data_ptr(), None
         io.m, io.u, io.w, io.out = m.data_ptr(), u.data_ptr(), w.data_ptr(), out.data_ptr()
         io.scratch = self.scratch(n).ctypes.data
         io.normalize_obs = 0
         self.lib.aaren_step(self._io_ptr)
-        return out, [AarenState(m[i], u[i], w[i]) for i in range(self.n_layer)]
+        return out, [AarenState(*s) for s in zip(m.unbind(), u.unbind(), w.unbind())]
 
 
 class FastAarenPolicy:

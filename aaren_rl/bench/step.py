@@ -1,0 +1,335 @@
+"""Acting cost of a whole agent, one environment step at a time (issue 5, CPU).
+
+The agents have Decision Transformer's MuJoCo setting (3 layers, width 128, 1 head, K = 20) and
+HalfCheetah's shapes (observation 17, action 6). All of them run in one process, one torch thread,
+eval mode. They are timed in interleaved rounds, so that a change in the machine's load hits all
+of them alike:
+
+* ``aaren_fast``: ``FastAarenPolicy.predict``, the compiled C step (``kernels/cpu_step``) with the
+  policy's bookkeeping, NumPy in and out. This is the number the target is about.
+* ``aaren_fast_predict``: ``StreamingPolicy.predict`` with the same C step inside (``fast=None``,
+  the default): the C call plus ``predict``'s torch bookkeeping (input checks, state tuples).
+* ``aaren_eager``: ``StreamingPolicy(fast=False)``, the torch reference, (a_{t-1}, R_t, s_t) as one
+  3-token chunk through ``Backbone.step``.
+* ``dt_window``: the Decision Transformer baseline as DT evaluates it: recompute the last K = 20
+  timesteps (60 tokens) at every step.
+* ``dt_kvcache``: the Decision Transformer with a key/value cache that holds the whole episode,
+  timed at t = ``--history`` (3 x history tokens in the cache).
+
+The torch policies are timed from a fixed state at t = ``--history`` (each call starts from the
+same state, so the DT cache does not grow while it is timed); ``aaren_fast`` runs on (its cost
+does not depend on t). Each sample is one call; the table gives medians.
+
+Memory: the lean Aaren policy runs for ``--aaren-steps`` environment steps (one episode; the
+timestep embedding clamps after ``max_timestep``), recording its state bytes, the process's
+resident set and the step time at log-spaced steps; the DT policy with a cache runs for up to
+``--dt-steps`` steps (or ``--memory-budget-s``), recording its cache bytes the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..model import DecisionModel, ModelConfig
+from ..policy import StreamingPolicy
+from . import common
+
+OBS_DIM, ACT_DIM = 17, 6  # HalfCheetah
+TARGET = 6000.0  # DT's HalfCheetah target return
+METHODS = ("aaren_fast", "aaren_fast_predict", "aaren_eager", "dt_window", "dt_kvcache")
+LABELS = {
+    "aaren_fast": "Decision Aaren, compiled step (FastAarenPolicy)",
+    "aaren_fast_predict": "Decision Aaren, compiled step in StreamingPolicy.predict",
+    "aaren_eager": "Decision Aaren, torch reference step",
+    "dt_window": "Decision Transformer, window recompute (K = 20)",
+    "dt_kvcache": "Decision Transformer, key/value cache",
+}
+
+
+def make_model(backbone: str, seed: int = 0) -> DecisionModel:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(backbone=backbone, context="episode", context_len=20, observation_dim=OBS_DIM,
+                      action_dim=ACT_DIM, action_low=[-1.0] * ACT_DIM, action_high=[1.0] * ACT_DIM)
+    rng = np.random.default_rng(seed)
+    model = DecisionModel(cfg, obs_mean=torch.as_tensor(rng.normal(size=OBS_DIM), dtype=torch.float32),
+                          obs_std=torch.as_tensor(rng.uniform(0.5, 2, OBS_DIM), dtype=torch.float32))
+    return model.eval()
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class Inputs:
+    """A small pool of observations and rewards, cycled (no random numbers drawn while timing)."""
+
+    def __init__(self, n: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.obs = rng.normal(size=(64, n, OBS_DIM)).astype(np.float32)
+        self.rew = rng.normal(size=(64, n)).astype(np.float32)
+        self.i = 0
+
+    def next(self):
+        self.i = (self.i + 1) & 63
+        return self.obs[self.i], self.rew[self.i]
+
+
+def make_stepper(method: str, n: int, history: int, models: dict):
+    """A callable doing one environment step of ``method`` for ``n`` envs, after ``history`` steps."""
+    from ..kernels.cpu_step import FastAarenPolicy
+
+    inp = Inputs(n)
+    if method == "aaren_fast":
+        policy = FastAarenPolicy(models["aaren"], TARGET, n)
+        for _ in range(history):
+            policy.predict(*inp.next()[:1], reward=inp.next()[1])
+
+        def step():
+            o, r = inp.next()
+            policy.predict(o, reward=r)
+
+        step.state_bytes = policy.state_nbytes()
+        return step
+    model = models["transformer" if method.startswith("dt") else "aaren"]
+    mode = "window" if method == "dt_window" else "recurrent"
+    fast = {"aaren_fast_predict": True, "aaren_eager": False}.get(method, None)
+    policy = StreamingPolicy(model, TARGET, mode=mode, fast=fast)
+    state = None
+    warm = min(history, 3 * policy.K) if method == "dt_window" else history  # the window is full after K
+    for t in range(warm):
+        o, r = inp.next()
+        _, state = policy.predict(o, state, reward=None if t == 0 else r)
+    fixed = state
+
+    def step():
+        o, r = inp.next()
+        policy.predict(o, fixed, reward=r)
+
+    step.state_bytes = (sum(s.nbytes() for s in fixed.backbone) if fixed.backbone is not None
+                        else sum(t.numel() * t.element_size() for t in fixed.window.values()))
+    return step
+
+
+def time_interleaved(steppers: dict, rounds: int, block_s: float) -> dict[str, list[float]]:
+    """Per-call times in us: ``rounds`` rounds, each giving every stepper about ``block_s`` seconds."""
+    samples = {k: [] for k in steppers}
+    for fn in steppers.values():  # warm-up
+        for _ in range(3):
+            fn()
+    for _ in range(rounds):
+        for key, fn in steppers.items():
+            t_end = time.perf_counter() + block_s
+            while True:
+                t0 = time.perf_counter()
+                fn()
+                t1 = time.perf_counter()
+                samples[key].append((t1 - t0) * 1e6)
+                if t1 > t_end:
+                    break
+    return samples
+
+
+def log_points(n: int, per_decade: int = 4) -> list[int]:
+    pts = {int(round(10 ** (i / per_decade))) for i in range(int(per_decade * math.log10(max(n, 1))) + 1)}
+    return sorted(p for p in pts | {n} if 1 <= p <= n)
+
+
+def memory_aaren(model, steps: int, time_block: int = 200) -> dict:
+    """Run the lean policy for ``steps`` steps; at log-spaced steps: state bytes, RSS, step time."""
+    from ..kernels.cpu_step import FastAarenPolicy
+
+    policy = FastAarenPolicy(model, TARGET, 1)
+    inp = Inputs(1)
+    points = log_points(steps)
+    rows, step, t_start = [], 0, time.perf_counter()
+    rss0 = rss_bytes()
+    for p in points:
+        while step < p:
+            o, r = inp.next()
+            policy.predict(o, reward=r)
+            step += 1
+        times = []
+        for _ in range(time_block if p < steps else 0):  # timed steps count as steps seen
+            o, r = inp.next()
+            t0 = time.perf_counter()
+            policy.predict(o, reward=r)
+            times.append((time.perf_counter() - t0) * 1e6)
+            step += 1
+        rows.append({"step": p, "state_bytes": policy.state_nbytes(), "rss_bytes": rss_bytes(),
+                     "us_per_step": statistics.median(times) if times else None})
+    return {"steps": step, "seconds": time.perf_counter() - t_start, "rss_start_bytes": rss0, "points": rows}
+
+
+def memory_transformer(model, steps: int, budget_s: float) -> dict:
+    """The DT policy with a whole-episode cache: cache bytes, RSS and step time as it grows."""
+    policy = StreamingPolicy(model, TARGET, mode="recurrent")
+    inp = Inputs(1)
+    points = set(log_points(steps))
+    rows, state, t_start = [], None, time.perf_counter()
+    rss0 = rss_bytes()
+    step = 0
+    while step < steps:
+        o, r = inp.next()
+        t0 = time.perf_counter()
+        _, state = policy.predict(o, state, reward=None if step == 0 else r)
+        dt = (time.perf_counter() - t0) * 1e6
+        step += 1
+        over = time.perf_counter() - t_start > budget_s
+        if step in points or over:
+            rows.append({"step": step, "cache_bytes": sum(s.nbytes() for s in state.backbone),
+                         "rss_bytes": rss_bytes(), "us_per_step": dt})
+        if over:
+            break
+    return {"steps": step, "seconds": time.perf_counter() - t_start, "stopped_by_budget": step < steps,
+            "rss_start_bytes": rss0, "points": rows}
+
+
+def plot(payload: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ma, mt = payload["memory"]["aaren_fast"], payload["memory"]["dt_kvcache"]
+    pa = [p for p in ma["points"] if p["us_per_step"] is not None]
+    ax_t.plot([p["step"] for p in pa], [p["us_per_step"] for p in pa], "o-", label="Decision Aaren, compiled step")
+    ax_t.plot([p["step"] for p in mt["points"]], [p["us_per_step"] for p in mt["points"]], "s-",
+              label="Decision Transformer, KV cache")
+    b1 = {r["method"]: r for r in payload["timing"] if r["batch"] == 1}
+    for key, style in (("dt_window", "--"), ("aaren_eager", ":")):
+        if key in b1:
+            ax_t.axhline(b1[key]["us_per_env_step"], ls=style, color="gray")
+            ax_t.text(1, b1[key]["us_per_env_step"] * 1.08, LABELS[key] + " (at t = 1000)", fontsize=8, color="gray")
+    ax_t.axhline(60, color="red", lw=0.8)
+    ax_t.text(1, 64, "target 60 us", color="red", fontsize=8)
+    ax_t.set(xscale="log", yscale="log", xlabel="environment steps seen", ylabel="us per environment step (batch 1)",
+             title="time per step")
+    ax_t.legend(fontsize=8, loc="center right")
+    ax_m.plot([p["step"] for p in ma["points"]], [p["state_bytes"] for p in ma["points"]], "o-", label="Aaren state")
+    ax_m.plot([p["step"] for p in mt["points"]], [p["cache_bytes"] for p in mt["points"]], "s-", label="Transformer KV cache")
+    ax_m.plot([p["step"] for p in ma["points"]], [max(p["rss_bytes"] - ma["rss_start_bytes"], 1) for p in ma["points"]],
+              "o:", label="Aaren run: process RSS growth")
+    ax_m.plot([p["step"] for p in mt["points"]], [max(p["rss_bytes"] - mt["rss_start_bytes"], 1) for p in mt["points"]],
+              "s:", label="Transformer run: process RSS growth")
+    ax_m.set(xscale="log", yscale="log", xlabel="environment steps seen", ylabel="bytes", title="memory")
+    ax_m.legend(fontsize=8)
+    info = payload["machine"]
+    fig.suptitle(f"{info['cpu']} ({info['cpu_count']} cores, load {payload['load_before'][0]:.1f}), torch {info['torch']}",
+                 fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def table(rows: list[dict], ref_key: str = "aaren_fast") -> str:
+    ref = {r["batch"]: r["us_per_env_step"] for r in rows if r["method"] == ref_key}
+    out = ["| agent | batch | us per call | us per env step | p10-p90 (per call) | x aaren_fast | state bytes |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {LABELS[r['method']]} | {r['batch']} | {r['us_per_call']:.1f} | {r['us_per_env_step']:.1f} | "
+                   f"{r['p10']:.0f}-{r['p90']:.0f} | {r['us_per_env_step'] / ref[r['batch']]:.1f} | {r['state_bytes']:,} |")
+    return "\n".join(out)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", default=None, help="result file (default benchmarks/results/step_cpu_<machine>.json)")
+    p.add_argument("--plot", default=None, help="PNG (default: next to the JSON, .png)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="numbers of environments")
+    p.add_argument("--history", type=int, default=1000, help="t at which the torch policies are timed")
+    p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds")
+    p.add_argument("--block-s", type=float, default=0.1, help="seconds per method per round")
+    p.add_argument("--aaren-steps", type=int, default=1_000_000, help="steps of the Aaren memory run")
+    p.add_argument("--dt-steps", type=int, default=10_000, help="steps of the Transformer memory run")
+    p.add_argument("--memory-budget-s", type=float, default=150.0, help="time limit of the Transformer memory run")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--quick", action="store_true", help="a smoke test: few steps and rounds")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..kernels import cpu_step
+
+    if args.quick:
+        args.history, args.rounds, args.block_s = 50, 2, 0.02
+        args.aaren_steps, args.dt_steps, args.memory_budget_s = 2000, 200, 10.0
+    torch.set_num_threads(args.threads)
+    if not cpu_step.available():
+        print("no C compiler: the compiled step is unavailable; nothing to compare")
+        return 1
+    info = common.machine_info("cpu")
+    info["affinity"] = sorted(os.sched_getaffinity(0))
+    load_before = os.getloadavg()
+    models = {"aaren": make_model("aaren"), "transformer": make_model("transformer")}
+    print(f"{info['cpu']}, {info['cpu_count']} cores (pinned to {info['affinity']}), torch {info['torch']}, "
+          f"load {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}", flush=True)
+
+    timing = []
+    for n in args.batch:
+        print(f"batch {n}: preparing states at t = {args.history} ...", flush=True)
+        steppers = {m: make_stepper(m, n, args.history, models) for m in METHODS}
+        samples = time_interleaved(steppers, args.rounds, args.block_s)
+        for m in METHODS:
+            xs = samples[m]
+            q = np.percentile(xs, [10, 50, 90])
+            timing.append({"method": m, "batch": n, "us_per_call": float(q[1]), "us_per_env_step": float(q[1]) / n,
+                           "p10": float(q[0]), "p90": float(q[2]), "min": float(min(xs)), "samples": len(xs),
+                           "state_bytes": int(steppers[m].state_bytes)})
+        print(table([r for r in timing if r["batch"] == n]), flush=True)
+        del steppers
+
+    print(f"memory: Aaren, {args.aaren_steps:,} steps ...", flush=True)
+    mem_a = memory_aaren(models["aaren"], args.aaren_steps)
+    print(f"  {mem_a['seconds']:.0f} s; state {mem_a['points'][0]['state_bytes']} -> {mem_a['points'][-1]['state_bytes']} B, "
+          f"RSS {mem_a['points'][0]['rss_bytes'] / 2**20:.1f} -> {mem_a['points'][-1]['rss_bytes'] / 2**20:.1f} MiB", flush=True)
+    print(f"memory: Transformer, up to {args.dt_steps:,} steps or {args.memory_budget_s:.0f} s ...", flush=True)
+    mem_t = memory_transformer(models["transformer"], args.dt_steps, args.memory_budget_s)
+    print(f"  {mem_t['steps']:,} steps in {mem_t['seconds']:.0f} s; cache {mem_t['points'][0]['cache_bytes']:,} -> "
+          f"{mem_t['points'][-1]['cache_bytes']:,} B, RSS {mem_t['points'][0]['rss_bytes'] / 2**20:.1f} -> "
+          f"{mem_t['points'][-1]['rss_bytes'] / 2**20:.1f} MiB", flush=True)
+
+    b1 = {r["method"]: r["us_per_env_step"] for r in timing if r["batch"] == 1}
+    headline = {}
+    if b1:
+        headline = {
+            "aaren_us_per_step": b1["aaren_fast"],
+            "aaren_predict_us_per_step": b1["aaren_fast_predict"],
+            "aaren_eager_us_per_step": b1["aaren_eager"],
+            "dt_window_us_per_step": b1["dt_window"],
+            "dt_kvcache_us_per_step": b1["dt_kvcache"],
+            "dt_window_over_aaren": b1["dt_window"] / b1["aaren_fast"],
+            "dt_kvcache_over_aaren": b1["dt_kvcache"] / b1["aaren_fast"],
+        }
+    payload = {
+        "benchmark": "step", "machine": info, "load_before": load_before, "load_after": os.getloadavg(),
+        "model": {"n_layer": 3, "embed_dim": 128, "n_head": 1, "context_len": 20, "observation_dim": OBS_DIM,
+                  "action_dim": ACT_DIM, "history": args.history},
+        **headline,
+        "aaren_state_bytes": mem_a["points"][-1]["state_bytes"],
+        "dt_kvcache_bytes_at_history": next((r["state_bytes"] for r in timing if r["method"] == "dt_kvcache"), None),
+        "timing": timing,
+        "memory": {"aaren_fast": mem_a, "dt_kvcache": mem_t},
+        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list, bool, type(None)))},
+    }
+    path = Path(args.json) if args.json else common.RESULTS_DIR / f"step_cpu_{common.machine_slug(info)}.json"
+    common.write_json(path, payload)
+    png = plot(payload, Path(args.plot) if args.plot else path.with_suffix(".png"))
+    print()
+    print(table(timing))
+    if headline:
+        print(f"\ntargets at batch 1: aaren {headline['aaren_us_per_step']:.1f} us (<= 60); "
+              f"window / aaren {headline['dt_window_over_aaren']:.1f}x (>= 40); "
+              f"kv cache at t = {args.history} / aaren {headline['dt_kvcache_over_aaren']:.1f}x (>= 5)")
+    print(f"load before {load_before[0]:.2f}, after {payload['load_after'][0]:.2f}")
+    print(f"wrote {path} and {png}")
+    return 0
