@@ -18,8 +18,9 @@
  * MLP run only on the s_t rows: the other tokens' last-layer outputs feed nothing.
  *
  * Weights come packed by cpu_step.py: every Linear transposed to (in, out) so that a row of
- * outputs is a sum of weight rows scaled by inputs (vector FMAs, no horizontal sums); output
- * widths padded to a multiple of 16 floats. The offsets of each tensor are in `meta`.
+ * outputs is a sum of weight rows scaled by inputs (vector FMAs, no horizontal sums), cut into
+ * panels of 64 output columns; output widths padded to a multiple of 16 floats. The offsets of
+ * each tensor are in `meta`.
  *
  * The state (m, u, w) per layer and head is updated in place. The empty state is m = -inf,
  * u = 0 (as AarenState.empty); the fold tests u == 0 instead of computing with infinities, so the
@@ -98,20 +99,23 @@ tile(const int R, const int NV, const float *X, int64_t ldx, int64_t K, const fl
 
 #define TILE_CASES(R)                                                                             \
     switch (nv) {                                                                                 \
-    case 4: tile(R, 4, x, ldx, K, w, N, bb, y, ldy, accumulate); break;                           \
-    case 3: tile(R, 3, x, ldx, K, w, N, bb, y, ldy, accumulate); break;                           \
-    case 2: tile(R, 2, x, ldx, K, w, N, bb, y, ldy, accumulate); break;                           \
-    default: tile(R, 1, x, ldx, K, w, N, bb, y, ldy, accumulate); break;                          \
+    case 4: tile(R, 4, x, ldx, K, w, ldw, bb, y, ldy, accumulate); break;                         \
+    case 3: tile(R, 3, x, ldx, K, w, ldw, bb, y, ldy, accumulate); break;                         \
+    case 2: tile(R, 2, x, ldx, K, w, ldw, bb, y, ldy, accumulate); break;                         \
+    default: tile(R, 1, x, ldx, K, w, ldw, bb, y, ldy, accumulate); break;                        \
     }
 
 /* Y[M, N] (=|+=) X[M, K] @ W[K, N] + b; N a multiple of 16; rows strided by ldx, ldy.
- * Column tiles outside, row tiles inside: a K x 64 block of W stays in L1 across the rows. */
+ * W is stored in panels of 64 columns, each K x 64 contiguous (the last one narrower), so a
+ * column tile streams through memory in order. Column tiles outside, row tiles inside: a
+ * panel stays in L1/L2 across the row tiles. */
 static void linear(const float *X, int64_t ldx, int64_t M, int64_t K, const float *W, const float *b,
                    int64_t N, float *Y, int64_t ldy, int accumulate)
 {
     for (int64_t j = 0; j < N; j += 4 * VL) {
         const int nv = (N - j) / VL >= 4 ? 4 : (int)((N - j) / VL);
-        const float *w = W + j, *bb = b + j;
+        const int64_t ldw = nv * VL;
+        const float *w = W + j * K, *bb = b + j;
         for (int64_t i = 0; i < M; i += 4) {
             const float *x = X + i * ldx;
             float *y = Y + i * ldy + j;
@@ -147,7 +151,7 @@ static void layer_norm(const float *x, int64_t ldx, int64_t M, int64_t E, const 
  * loop vectorizes. */
 static inline float erf_f32(float x)
 {
-    x = fminf(fmaxf(x, -4.f), 4.f);
+    x = x < -4.f ? -4.f : (x > 4.f ? 4.f : x); /* not fminf/fmaxf: their NaN rules keep them calls */
     const float x2 = x * x;
     float p = x2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
     p = x2 * p + -2.10102402082508e-06f;

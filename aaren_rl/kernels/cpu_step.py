@@ -180,6 +180,14 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
+PANELED = ("state_w", "act_w", "head_w", "kv_w", "out_w", "fc_w", "proj_w")
+
+
+def _panels(wt: np.ndarray, width: int = 64) -> np.ndarray:
+    """(K, N) -> its column panels (K, 64) one after the other, flat."""
+    return np.concatenate([wt[:, j:j + width].reshape(-1) for j in range(0, wt.shape[1], width)])
+
+
 def pack(model) -> tuple[np.ndarray, np.ndarray]:
     """(params, meta): every tensor the step reads, Linears transposed to (in, out), and its layout."""
     c = model.config
@@ -231,6 +239,10 @@ def pack(model) -> tuple[np.ndarray, np.ndarray]:
             pos += -(-tensors[name].size // ALIGN) * ALIGN
         return offsets, pos
 
+    for tensors in [g, *layers]:  # (in, out) matrices as the C step reads them: panels of 64 columns
+        for name in PANELED:
+            if name in tensors and not (name == "act_w" and c.discrete):
+                tensors[name] = _panels(tensors[name])
     g_off, layer0 = layout(g, GLOBAL)
     l_off, stride = layout(layers[0], LAYER)
     params = _aligned_empty(layer0 + L * stride)
