@@ -19,7 +19,7 @@
  *
  * Weights come packed by cpu_step.py: every Linear transposed to (in, out) so that a row of
  * outputs is a sum of weight rows scaled by inputs (vector FMAs, no horizontal sums), cut into
- * panels of 64 output columns; output widths padded to a multiple of 16 floats. The offsets of
+ * panels of aaren_panel_width() output columns; output widths padded to a multiple of 16 floats. The offsets of
  * each tensor are in `meta`.
  *
  * The state (m, u, w) per layer and head is updated in place. The empty state is m = -inf,
@@ -31,8 +31,22 @@
 #include <stdint.h>
 #include <string.h>
 
-#define VL 16 /* floats per vector (gcc lowers to AVX-512, 2 x AVX2, ... as -march allows) */
-typedef float vf __attribute__((vector_size(64)));
+/* Vector width and register tile by instruction set: VL floats per vector; a tile of the matrix
+ * product is up to 4 rows x NVMAX vectors of accumulators, which must fit in the registers
+ * (32 with AVX-512, 16 otherwise). Weight panels are NVMAX * VL columns wide. */
+#if defined(__AVX512F__)
+#define VL 16
+#define NVMAX 4
+#elif defined(__AVX__)
+#define VL 8
+#define NVMAX 2
+#else
+#define VL 4
+#define NVMAX 2
+#endif
+typedef float vf __attribute__((vector_size(VL * 4)));
+
+int64_t aaren_panel_width(void) { return NVMAX * VL; }
 
 static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
@@ -84,7 +98,14 @@ tile(const int R, const int NV, const float *X, int64_t ldx, int64_t K, const fl
         for (int v = 0; v < NV; v++) acc[r][v] = vload(b + v * VL);
     for (int64_t k = 0; k < K; k++) {
         vf wv[4];
-        for (int v = 0; v < NV; v++) wv[v] = vload(W + k * ldw + v * VL);
+        for (int v = 0; v < NV; v++) {
+            wv[v] = vload(W + k * ldw + v * VL);
+            /* keep it in a register: gcc would otherwise fold the load into each row's FMA and
+             * load every weight R times (load-bound instead of FMA-bound) */
+#if defined(__x86_64__) || defined(__i386__)
+            __asm__("" : "+v"(wv[v]));
+#endif
+        }
         for (int r = 0; r < R; r++) {
             vf x = (vf){0} + X[r * ldx + k];
             for (int v = 0; v < NV; v++) acc[r][v] += x * wv[v];
@@ -106,14 +127,14 @@ tile(const int R, const int NV, const float *X, int64_t ldx, int64_t K, const fl
     }
 
 /* Y[M, N] (=|+=) X[M, K] @ W[K, N] + b; N a multiple of 16; rows strided by ldx, ldy.
- * W is stored in panels of 64 columns, each K x 64 contiguous (the last one narrower), so a
- * column tile streams through memory in order. Column tiles outside, row tiles inside: a
- * panel stays in L1/L2 across the row tiles. */
+ * W is stored in panels of NVMAX * VL columns, each K x width contiguous (the last one
+ * narrower), so a column tile streams through memory in order. Column tiles outside, row tiles
+ * inside: a panel stays in L1/L2 across the row tiles. */
 static void linear(const float *X, int64_t ldx, int64_t M, int64_t K, const float *W, const float *b,
                    int64_t N, float *Y, int64_t ldy, int accumulate)
 {
-    for (int64_t j = 0; j < N; j += 4 * VL) {
-        const int nv = (N - j) / VL >= 4 ? 4 : (int)((N - j) / VL);
+    for (int64_t j = 0; j < N; j += NVMAX * VL) {
+        const int nv = (N - j) / VL >= NVMAX ? NVMAX : (int)((N - j) / VL);
         const int64_t ldw = nv * VL;
         const float *w = W + j * K, *bb = b + j;
         for (int64_t i = 0; i < M; i += 4) {

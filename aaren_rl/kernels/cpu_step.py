@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_step.c")
-CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-std=gnu11", "-fPIC", "-shared"]
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-std=gnu11", "-fPIC", "-shared", "-Wno-psabi"]
 
 # the order of ``meta`` in cpu_step.c: dims, global tensors, layer layout, per-layer tensors
 DIMS = ["E", "H", "L", "OBS", "ACT", "DISCRETE", "TMAX", "APAD"]
@@ -138,6 +138,7 @@ def load_library() -> ctypes.CDLL | None:
     lib.aaren_meta_len.restype = ctypes.c_int64
     if lib.aaren_meta_len() != META_LEN:
         raise RuntimeError("cpu_step.c and cpu_step.py disagree on the parameter layout")
+    lib.aaren_panel_width.restype = ctypes.c_int64
     lib.aaren_scratch_floats.restype = ctypes.c_int64
     lib.aaren_scratch_floats.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     for fn in (lib.aaren_step, lib.aaren_policy_step):
@@ -188,8 +189,9 @@ def _panels(wt: np.ndarray, width: int = 64) -> np.ndarray:
     return np.concatenate([wt[:, j:j + width].reshape(-1) for j in range(0, wt.shape[1], width)])
 
 
-def pack(model) -> tuple[np.ndarray, np.ndarray]:
-    """(params, meta): every tensor the step reads, Linears transposed to (in, out), and its layout."""
+def pack(model, panel_width: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(params, meta): every tensor the step reads, Linears transposed to (in, out) and cut into
+    column panels of ``panel_width`` (the library's ``aaren_panel_width()``), and its layout."""
     c = model.config
     E, L, A = c.embed_dim, c.n_layer, c.action_dim
     apad = -(-A // 16) * 16
@@ -242,7 +244,7 @@ def pack(model) -> tuple[np.ndarray, np.ndarray]:
     for tensors in [g, *layers]:  # (in, out) matrices as the C step reads them: panels of 64 columns
         for name in PANELED:
             if name in tensors and not (name == "act_w" and c.discrete):
-                tensors[name] = _panels(tensors[name])
+                tensors[name] = _panels(tensors[name], panel_width)
     g_off, layer0 = layout(g, GLOBAL)
     l_off, stride = layout(layers[0], LAYER)
     params = _aligned_empty(layer0 + L * stride)
@@ -303,7 +305,7 @@ class FastAarenStep:
     def repack(self) -> None:
         """Copy the model's current weights (done at construction; ``step_torch`` redoes it when
         any parameter or buffer changed in place since)."""
-        self.params, self.meta = pack(self.model)
+        self.params, self.meta = pack(self.model, self.lib.aaren_panel_width())
         self._tensors = list(self.model.state_dict(keep_vars=True).values())
         self._packed_versions = _versions(self._tensors)
         self._io.params, self._io.meta = self.params.ctypes.data, self.meta.ctypes.data
