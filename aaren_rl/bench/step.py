@@ -174,21 +174,23 @@ def memory_transformer(model, steps: int, budget_s: float) -> dict:
     policy = StreamingPolicy(model, TARGET, mode="recurrent")
     inp = Inputs(1)
     points = set(log_points(steps))
-    rows, state, t_start = [], None, time.perf_counter()
+    rows, state, times, t_start = [], None, [], time.perf_counter()
     rss0 = rss_bytes()
     step = 0
     while step < steps:
         o, r = inp.next()
         t0 = time.perf_counter()
         _, state = policy.predict(o, state, reward=None if step == 0 else r)
-        dt = (time.perf_counter() - t0) * 1e6
+        times.append((time.perf_counter() - t0) * 1e6)
         step += 1
         over = time.perf_counter() - t_start > budget_s
         if step in points or over:
-            rows.append({"step": step, "cache_bytes": sum(s.nbytes() for s in state.backbone),
-                         "rss_bytes": rss_bytes(), "us_per_step": dt})
+            rows.append({"step": step, "cache_bytes": sum(s.nbytes() for s in state.backbone), "rss_bytes": rss_bytes()})
         if over:
             break
+    for row in rows:  # the step time around each point: the median over the next ~5% of steps (at least 9)
+        p = row["step"]
+        row["us_per_step"] = statistics.median(times[p - 1:p - 1 + max(9, p // 20)])
     return {"steps": step, "seconds": time.perf_counter() - t_start, "stopped_by_budget": step < steps,
             "rss_start_bytes": rss0, "points": rows}
 
@@ -199,36 +201,38 @@ def plot(payload: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_t, ax_m, ax_r) = plt.subplots(1, 3, figsize=(16, 4.8))
     ma, mt = payload["memory"]["aaren_fast"], payload["memory"]["dt_kvcache"]
     pa = [p for p in ma["points"] if p["us_per_step"] is not None]
-    ax_t.plot([p["step"] for p in pa], [p["us_per_step"] for p in pa], "o-", label="Decision Aaren, compiled step")
-    ax_t.plot([p["step"] for p in mt["points"]], [p["us_per_step"] for p in mt["points"]], "s-",
-              label="Decision Transformer, KV cache")
+    ax_t.plot([p["step"] for p in pa], [p["us_per_step"] for p in pa], "o-", label=LABELS["aaren_fast"])
+    ax_t.plot([p["step"] for p in mt["points"]], [p["us_per_step"] for p in mt["points"]], "s-", label=LABELS["dt_kvcache"])
     b1 = {r["method"]: r for r in payload["timing"] if r["batch"] == 1}
-    for key, style in (("dt_window", "--"), ("aaren_eager", ":")):
+    for key, style in (("dt_window", "--"), ("aaren_eager", ":"), ("aaren_fast_predict", "-.")):
         if key in b1:
-            ax_t.axhline(b1[key]["us_per_env_step"], ls=style, color="gray")
-            ax_t.text(1, b1[key]["us_per_env_step"] * 1.08, LABELS[key] + " (at t = 1000)", fontsize=8, color="gray")
-    ax_t.axhline(60, color="red", lw=0.8)
-    ax_t.text(1, 64, "target 60 us", color="red", fontsize=8)
-    ax_t.set(xscale="log", yscale="log", xlabel="environment steps seen", ylabel="us per environment step (batch 1)",
-             title="time per step")
-    ax_t.legend(fontsize=8, loc="center right")
-    ax_m.plot([p["step"] for p in ma["points"]], [p["state_bytes"] for p in ma["points"]], "o-", label="Aaren state")
-    ax_m.plot([p["step"] for p in mt["points"]], [p["cache_bytes"] for p in mt["points"]], "s-", label="Transformer KV cache")
-    ax_m.plot([p["step"] for p in ma["points"]], [max(p["rss_bytes"] - ma["rss_start_bytes"], 1) for p in ma["points"]],
-              "o:", label="Aaren run: process RSS growth")
-    ax_m.plot([p["step"] for p in mt["points"]], [max(p["rss_bytes"] - mt["rss_start_bytes"], 1) for p in mt["points"]],
-              "s:", label="Transformer run: process RSS growth")
-    ax_m.set(xscale="log", yscale="log", xlabel="environment steps seen", ylabel="bytes", title="memory")
+            ax_t.axhline(b1[key]["us_per_env_step"], ls=style, color="gray", label=LABELS[key] + " (flat in t)")
+    ax_t.axhline(60, color="red", lw=0.8, label="target: 60 us")
+    ax_t.set(xscale="log", yscale="log", xlabel="environment steps seen", ylabel="us per environment step (batch 1, median)",
+             title="time per environment step")
+    ax_t.legend(fontsize=7)
+    ax_m.plot([p["step"] for p in ma["points"]], [p["state_bytes"] for p in ma["points"]], "o-", label="Decision Aaren: state (m, u, w)")
+    ax_m.plot([p["step"] for p in mt["points"]], [p["cache_bytes"] for p in mt["points"]], "s-",
+              label="Decision Transformer: key/value cache")
+    ax_m.set(xscale="log", yscale="log", xlabel="environment steps seen", ylabel="bytes", title="recurrent state")
     ax_m.legend(fontsize=8)
+    ax_r.plot([p["step"] for p in ma["points"]], [p["rss_bytes"] / 2**20 for p in ma["points"]], "o-",
+              label="Decision Aaren run (compiled step)")
+    ax_r.plot([p["step"] for p in mt["points"]], [p["rss_bytes"] / 2**20 for p in mt["points"]], "s-",
+              label="Decision Transformer run (KV cache)")
+    ax_r.set(xscale="log", xlabel="environment steps seen", ylabel="MiB", title="process resident set (one process, runs in turn)")
+    ax_r.ticklabel_format(axis="y", useOffset=False, style="plain")
+    ax_r.legend(fontsize=8)
     info = payload["machine"]
-    fig.suptitle(f"{info['cpu']} ({info['cpu_count']} cores, load {payload['load_before'][0]:.1f}), torch {info['torch']}",
-                 fontsize=9)
+    fig.suptitle(f"{info['cpu']} ({info['cpu_count']} cores, pinned to {info['affinity']}, load average "
+                 f"{payload['load_before'][0]:.1f} before / {payload['load_after'][0]:.1f} after), torch {info['torch']}, "
+                 f"{info['date_utc']}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
