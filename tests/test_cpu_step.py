@@ -88,6 +88,23 @@ def test_fast_policy_equals_reference_with_episode_starts(config, n_envs, discre
 
 
 @needs_compiler
+def test_bf16_variant_stays_close_to_the_reference():
+    if not cpu_step.load_library().aaren_has_bf16():
+        pytest.skip("this CPU has no AVX512_BF16")
+    model = make_model(False, 3, 128, 1, 17, 6)  # perturbed weights: a harder case than a trained model
+    ref = StreamingPolicy(model, 7.0, fast=False)
+    lean = cpu_step.FastAarenPolicy(model, 7.0, 3, precision="bfloat16")
+    obs, rewards, starts, _, _ = rollout(3, 30, 17, 6, False)
+    s_ref, diffs = None, []
+    for t in range(len(obs)):
+        rew = rewards[t - 1] if t else None
+        a_ref, s_ref = ref.predict(obs[t], s_ref, episode_start=starts[t], reward=rew)
+        diffs.append(np.abs(lean.predict(obs[t], episode_start=starts[t], reward=rew) - a_ref).max())
+    # bf16 keeps 8 bits of mantissa: not 1e-5, but close (actions span [-2, 1] here)
+    assert max(diffs) <= 0.15 and np.median(diffs) <= 0.05
+
+
+@needs_compiler
 def test_fast_step_leaves_the_given_state_unchanged_and_sees_weight_updates():
     model = make_model()
     ref, fast = StreamingPolicy(model, 3.0, fast=False), StreamingPolicy(model, 3.0)

@@ -30,6 +30,12 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define HAVE_BF16 1
+#else
+#define HAVE_BF16 0
+#endif
 
 /* Vector width and register tile by instruction set: VL floats per vector; a tile of the matrix
  * product is up to 4 rows x NVMAX vectors of accumulators, which must fit in the registers
@@ -47,13 +53,14 @@
 typedef float vf __attribute__((vector_size(VL * 4)));
 
 int64_t aaren_panel_width(void) { return NVMAX * VL; }
+int64_t aaren_has_bf16(void) { return HAVE_BF16; }
 
 static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
 /* ---- meta: dims, then offsets (in floats) into the packed parameter buffer ---------------- */
 enum {
-    D_E, D_H, D_L, D_OBS, D_ACT, D_DISCRETE, D_TMAX, D_APAD,
+    D_E, D_H, D_L, D_OBS, D_ACT, D_DISCRETE, D_TMAX, D_APAD, D_BF16,
     /* global tensors */
     O_TEMB, O_RET_W, O_RET_B, O_STATE_W, O_STATE_B, O_ACT_W, O_ACT_B, O_ELN_W, O_ELN_B,
     O_LNF_W, O_LNF_B, O_HEAD_W, O_HEAD_B, O_OBS_MEAN, O_OBS_STD, O_ACT_LOW, O_ACT_HIGH, O_RET_SCALE,
@@ -150,6 +157,89 @@ static void linear(const float *X, int64_t ldx, int64_t M, int64_t K, const floa
     }
 }
 
+#if HAVE_BF16
+/* The optional bf16 variant (AVX512_BF16): weights stored as bf16, the inputs rounded to bf16,
+ * products summed in float32 by vdpbf16ps, two k at a time (twice the multiply-adds of an FMA
+ * per instruction, half the weight bytes). A panel holds, for each pair of inputs (k, k+1), its
+ * 64 columns as interleaved pairs: w[k][j], w[k+1][j]. Not exact: ~1e-2 relative. */
+static inline __attribute__((always_inline)) void
+tile_bf16(const int R, const int NV, const uint16_t *X, int64_t ldx, int64_t Kp, const uint16_t *W, int64_t ldw,
+          const float *b, float *Y, int64_t ldy, int accumulate)
+{
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_loadu_ps(b + v * 16);
+    for (int64_t k = 0; k < Kp; k++) {
+        __m512i wv[4];
+        for (int v = 0; v < NV; v++) wv[v] = _mm512_loadu_si512((const void *)(W + k * ldw + v * 32));
+        for (int r = 0; r < R; r++) {
+            int32_t pair;
+            memcpy(&pair, X + r * ldx + 2 * k, sizeof pair);
+            const __m512i x = _mm512_set1_epi32(pair);
+            for (int v = 0; v < NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)x, (__m512bh)wv[v]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) {
+            float *y = Y + r * ldy + v * 16;
+            _mm512_storeu_ps(y, accumulate ? _mm512_add_ps(_mm512_loadu_ps(y), acc[r][v]) : acc[r][v]);
+        }
+}
+
+#define TILE_BF16_CASES(R)                                                                        \
+    switch (nv) {                                                                                 \
+    case 4: tile_bf16(R, 4, x, Kpad, Kp, w, ldw, bb, y, ldy, accumulate); break;                  \
+    case 3: tile_bf16(R, 3, x, Kpad, Kp, w, ldw, bb, y, ldy, accumulate); break;                  \
+    case 2: tile_bf16(R, 2, x, Kpad, Kp, w, ldw, bb, y, ldy, accumulate); break;                  \
+    default: tile_bf16(R, 1, x, Kpad, Kp, w, ldw, bb, y, ldy, accumulate); break;                 \
+    }
+
+static inline uint16_t to_bf16(float f) /* round to nearest even, as torch's .to(bfloat16) */
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static void linear_bf16(const float *X, int64_t ldx, int64_t M, int64_t K, const float *Wf, const float *b,
+                        int64_t N, float *Y, int64_t ldy, int accumulate, uint16_t *xb)
+{
+    const int64_t Kp = (K + 1) / 2, Kpad = 2 * Kp;
+    for (int64_t i = 0; i < M; i++) {
+        for (int64_t k = 0; k < K; k++) xb[i * Kpad + k] = to_bf16(X[i * ldx + k]);
+        if (Kpad > K) xb[i * Kpad + K] = 0;
+    }
+    const uint16_t *W = (const uint16_t *)Wf;
+    for (int64_t j = 0; j < N; j += 64) {
+        const int nv = (N - j) / 16 >= 4 ? 4 : (int)((N - j) / 16);
+        const int64_t ldw = nv * 32;
+        const uint16_t *w = W + j * Kpad;
+        const float *bb = b + j;
+        for (int64_t i = 0; i < M; i += 4) {
+            const uint16_t *x = xb + i * Kpad;
+            float *y = Y + i * ldy + j;
+            switch (M - i >= 4 ? 4 : M - i) {
+            case 4: TILE_BF16_CASES(4); break;
+            case 3: TILE_BF16_CASES(3); break;
+            case 2: TILE_BF16_CASES(2); break;
+            default: TILE_BF16_CASES(1); break;
+            }
+        }
+    }
+}
+#endif
+
+/* The layers' matrix products: float32, or bf16 where the model was packed so (meta[D_BF16]). */
+static void layer_linear(int bf16, uint16_t *xb, const float *X, int64_t ldx, int64_t M, int64_t K, const float *W,
+                         const float *b, int64_t N, float *Y, int64_t ldy, int accumulate)
+{
+#if HAVE_BF16
+    if (bf16) { linear_bf16(X, ldx, M, K, W, b, N, Y, ldy, accumulate, xb); return; }
+#endif
+    (void)bf16; (void)xb;
+    linear(X, ldx, M, K, W, b, N, Y, ldy, accumulate);
+}
+
 /* ---- elementwise ------------------------------------------------------------------------- */
 
 static void layer_norm(const float *x, int64_t ldx, int64_t M, int64_t E, const float *g, const float *b,
@@ -220,7 +310,7 @@ int64_t aaren_scratch_floats(const int64_t *meta, int64_t n)
     const int64_t E = meta[D_E], M = 3 * n;
     /* x, h, o: M x E each; kv: M x 2E; f: M x 4E; xs: n x E; head: n x APAD; obs: n x OBS */
     return up16(M * E) * 3 + up16(M * 2 * E) + up16(M * 4 * E) + up16(n * E) + up16(n * meta[D_APAD]) +
-           up16(n * meta[D_OBS]) + 64;
+           up16(n * meta[D_OBS]) + up16(M * 4 * E) + 64; /* last: bf16 copies of a product's input */
 }
 
 /* ---- the step ---------------------------------------------------------------------------- */
@@ -241,7 +331,9 @@ int aaren_step(const io_t *io)
     float *f = sc;                      sc += up16(M * 4 * E); /* MLP hidden */
     float *xs = sc;                     sc += up16(n * E);     /* last layer: the s_t rows only */
     float *head = sc;                   sc += up16(n * APAD);
-    float *obs = sc;
+    float *obs = sc;                    sc += up16(n * OBS);
+    uint16_t *xb = (uint16_t *)sc;
+    const int bf16 = (int)mt[D_BF16];
 
     /* -- tokens: (a_{t-1}, R_t, s_t), each + its timestep's embedding (a: t - 1) -- */
     if (io->normalize_obs) {
@@ -292,7 +384,7 @@ int aaren_step(const io_t *io)
         const float *lp = P + mt[O_LAYER0] + l * mt[O_LAYER_STRIDE];
         const int last = l == L - 1;
         layer_norm(x, E, M, E, lp + mt[L_LN1_W], lp + mt[L_LN1_B], h, E);
-        linear(h, E, M, E, lp + mt[L_KV_W], lp + mt[L_KV_B], 2 * E, kv, 2 * E, 0);
+        layer_linear(bf16, xb, h, E, M, E, lp + mt[L_KV_W], lp + mt[L_KV_B], 2 * E, kv, 2 * E, 0);
         const float *q = lp + mt[L_QUERY];
         for (int64_t b = 0; b < n; b++)
             for (int64_t hd = 0; hd < H; hd++) {
@@ -312,18 +404,18 @@ int aaren_step(const io_t *io)
                 }
             }
         if (!last) {
-            linear(o, E, M, E, lp + mt[L_OUT_W], lp + mt[L_OUT_B], E, x, E, 1);
+            layer_linear(bf16, xb, o, E, M, E, lp + mt[L_OUT_W], lp + mt[L_OUT_B], E, x, E, 1);
             layer_norm(x, E, M, E, lp + mt[L_LN2_W], lp + mt[L_LN2_B], h, E);
-            linear(h, E, M, E, lp + mt[L_FC_W], lp + mt[L_FC_B], 4 * E, f, 4 * E, 0);
+            layer_linear(bf16, xb, h, E, M, E, lp + mt[L_FC_W], lp + mt[L_FC_B], 4 * E, f, 4 * E, 0);
             gelu(f, M * 4 * E);
-            linear(f, 4 * E, M, 4 * E, lp + mt[L_PROJ_W], lp + mt[L_PROJ_B], E, x, E, 1);
+            layer_linear(bf16, xb, f, 4 * E, M, 4 * E, lp + mt[L_PROJ_W], lp + mt[L_PROJ_B], E, x, E, 1);
         } else {
             for (int64_t b = 0; b < n; b++) memcpy(xs + b * E, x + (3 * b + 2) * E, sizeof(float) * E);
-            linear(o, E, n, E, lp + mt[L_OUT_W], lp + mt[L_OUT_B], E, xs, E, 1);
+            layer_linear(bf16, xb, o, E, n, E, lp + mt[L_OUT_W], lp + mt[L_OUT_B], E, xs, E, 1);
             layer_norm(xs, E, n, E, lp + mt[L_LN2_W], lp + mt[L_LN2_B], h, E);
-            linear(h, E, n, E, lp + mt[L_FC_W], lp + mt[L_FC_B], 4 * E, f, 4 * E, 0);
+            layer_linear(bf16, xb, h, E, n, E, lp + mt[L_FC_W], lp + mt[L_FC_B], 4 * E, f, 4 * E, 0);
             gelu(f, n * 4 * E);
-            linear(f, 4 * E, n, 4 * E, lp + mt[L_PROJ_W], lp + mt[L_PROJ_B], E, xs, E, 1);
+            layer_linear(bf16, xb, f, 4 * E, n, 4 * E, lp + mt[L_PROJ_W], lp + mt[L_PROJ_B], E, xs, E, 1);
         }
     }
     layer_norm(xs, E, n, E, P + mt[O_LNF_W], P + mt[O_LNF_B], h, E);
