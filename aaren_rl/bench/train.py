@@ -1,0 +1,365 @@
+"""Training throughput: updates per second of the whole training step, eager vs fast paths.
+
+Issue 5 asks for at least 1000 updates/s at batch 64, K = 20 on an H200 (a 100k-update run in
+under two minutes), and for the Aaren stack's forward+backward to take at most the Transformer
+stack's time at 60 tokens. Two measurements:
+
+* **update**: ``train.UpdateStep`` exactly as ``train()`` runs it (sample a batch on the GPU by
+  tensor indexing, forward in bf16 autocast, loss, backward, clip, AdamW, schedule), for
+  Decision Aaren with episode context (1000-step episodes: 3000 tokens) and window context
+  (K = 20: 60 tokens) and for the Decision Transformer (K = 20), DT's sizes (3 layers, width
+  128, 1 head, dropout 0.1), obs dim 17 / act dim 6 (HalfCheetah's), synthetic 1000-step
+  episodes built in memory. Each compile mode (``TrainConfig.compile``) runs the same seeded
+  updates: the first few losses are read one by one and compared with eager mode's (the
+  correctness check), then ``rounds`` rounds of ``updates`` updates are timed with one sync at
+  the end of each round (host overhead included: this is the real throughput). Peak memory is
+  ``max_memory_allocated`` minus what the dataset held before the model was built.
+* **stack**: ``Backbone`` fwd+bwd (as ``bench layer``: dropout 0, random input and output
+  gradient) at 60 and 3000 tokens, eager and replayed from a CUDA graph, in float32 and in bf16
+  autocast; median of CUDA-event timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import traceback
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from ..blocks import Backbone
+from . import common
+from .layer import DT_DEFAULTS, _scan_backend
+
+AGENTS = {  # name: model overrides, batch size
+    "decision_aaren/episode": (dict(backbone="aaren", context="episode"), 64),
+    "decision_aaren/window": (dict(backbone="aaren", context="window", context_len=20), 64),
+    "decision_transformer/window": (dict(backbone="transformer", context="window", context_len=20), 64),
+    "decision_aaren/episode-b16": (dict(backbone="aaren", context="episode"), 16),  # the preset's batch
+}
+TARGET_UPDATES_PER_S = 1000.0  # issue 5, batch 64, K = 20
+
+
+def synthetic_dataset(episodes: int = 200, episode_len: int = 1000, obs_dim: int = 17, act_dim: int = 6,
+                      seed: int = 0):
+    """HalfCheetah-shaped random episodes (no simulator needed): only shapes matter for speed."""
+    from ..data import Episode, TrajectoryDataset
+
+    rng = np.random.default_rng(seed)
+    eps = [Episode(observations=rng.normal(size=(episode_len, obs_dim)).astype(np.float32),
+                   actions=rng.uniform(-1, 1, size=(episode_len, act_dim)).astype(np.float32),
+                   rewards=rng.normal(1.0, 1.0, size=episode_len).astype(np.float32), truncated=True)
+           for _ in range(episodes)]
+    return TrajectoryDataset(eps, action_low=-np.ones(act_dim), action_high=np.ones(act_dim), name="synthetic")
+
+
+def build_update(agent: str, mode: str, dataset, device: torch.device, batch: int | None = None, seed: int = 0,
+                 amp: bool = True):
+    """The model and an ``UpdateStep`` set up as ``train()`` sets them up."""
+    from ..model import DecisionModel
+    from ..train import TrainConfig, UpdateStep, make_capturable, make_optimizer, model_config_for
+
+    overrides, default_batch = AGENTS[agent]
+    mc = model_config_for(dataset, **overrides)
+    tc = TrainConfig(batch_size=batch or default_batch, compile=mode, seed=seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    max_len = dataset.max_episode_length if mode != "none" else None
+
+    def sample_batch():
+        if mc.context == "window":
+            return dataset.sample_windows(tc.batch_size, mc.context_len, gen)
+        return dataset.sample_episodes(tc.batch_size, gen, max_len=max_len)
+
+    torch.manual_seed(seed)
+    model = DecisionModel(mc, dataset.obs_mean, dataset.obs_std).to(device).train()
+    optimizer = make_optimizer(model, tc)
+    warmup = tc.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 1.0))
+    if "cudagraph" in mode:
+        make_capturable(optimizer)
+    update = UpdateStep(model, optimizer, scheduler, sample_batch, mode=mode, amp=amp and device.type == "cuda",
+                        grad_clip=tc.grad_clip, generators=[gen])
+    return model, update, tc.batch_size
+
+
+@dataclass
+class UpdateResult:
+    agent: str
+    mode: str
+    batch: int
+    tokens: int
+    amp: bool = True  # bf16 autocast (False: float32 throughout)
+    status: str = "ok"
+    updates_per_s: float | None = None
+    ms_per_update: float | None = None
+    rounds_updates_per_s: list | None = None
+    first_losses: list | None = None
+    max_rel_loss_diff_vs_eager: float | None = None
+    setup_s: float | None = None  # the checked updates: warm-up, capture, compilation
+    peak_mem_mb: float | None = None
+    kernels_per_update: int | None = None
+
+
+def count_kernels(update) -> int:
+    """CUDA kernels launched by one (eager) update, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        update._update()  # the update itself, not the graph replay: what a graph holds
+        torch.cuda.synchronize()
+    return len([e for e in prof.events() if e.device_type.name == "CUDA"])
+
+
+def measure_update(agent: str, mode: str, dataset, device: torch.device, updates: int, rounds: int,
+                   check: int = 6, batch: int | None = None, kernels: bool = False, amp: bool = True) -> UpdateResult:
+    overrides, _ = AGENTS[agent]
+    steps = overrides.get("context_len", dataset.max_episode_length) if overrides["context"] == "window" \
+        else dataset.max_episode_length
+    res = UpdateResult(agent, mode, batch or AGENTS[agent][1], 3 * steps, amp)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
+    t0 = time.perf_counter()
+    model, update, res.batch = build_update(agent, mode, dataset, device, batch, amp=amp)
+    losses = []
+    for _ in range(check):  # the correctness check: one sync per update, not timed
+        update()
+        losses.append(update.pop_mean_loss())
+    res.setup_s = time.perf_counter() - t0
+    res.first_losses = losses
+    rates = []
+    for _ in range(rounds):
+        common.sync(str(device.type))
+        t = time.perf_counter()
+        for _ in range(updates):
+            update()
+        update.pop_mean_loss()  # the sync that ends the round, as a log line would
+        rates.append(updates / (time.perf_counter() - t))
+    res.rounds_updates_per_s = rates
+    res.updates_per_s = common.median(rates)
+    res.ms_per_update = 1e3 / res.updates_per_s
+    if cuda:
+        torch.cuda.synchronize()
+        res.peak_mem_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+        if kernels and mode == "none" and amp:
+            res.kernels_per_update = count_kernels(update)
+    del model, update
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# the stack alone
+
+
+@dataclass
+class StackResult:
+    kind: str
+    seq_len: int
+    batch: int
+    graphed: bool
+    dtype: str
+    status: str = "ok"
+    ms_median: float | None = None
+    ms: list | None = None
+    peak_mem_mb: float | None = None
+
+
+def measure_stack(kind: str, seq_len: int, batch: int, graphed: bool, amp: bool, repeats: int = 20) -> StackResult:
+    """fwd+bwd of ``Backbone(kind, 3, 128, 1)`` on CUDA, eager or replayed from a CUDA graph."""
+    res = StackResult(kind, seq_len, batch, graphed, "bf16 autocast" if amp else "float32")
+    device = "cuda"
+    torch.manual_seed(0)
+    model = Backbone(kind, dropout=0.0, **DT_DEFAULTS).to(device)
+    x = torch.randn(batch, seq_len, DT_DEFAULTS["embed_dim"], device=device)
+    grad_y = torch.randn_like(x)
+
+    def fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=not graphed):
+            y = model(x)
+        y.backward(grad_y)
+
+    with _scan_backend("triton" if kind == "aaren" else "sdpa"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fwd_bwd()
+        torch.cuda.synchronize()
+        res.peak_mem_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+        if graphed:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    fwd_bwd()
+            torch.cuda.current_stream().wait_stream(side)
+            model.zero_grad(set_to_none=True)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
+                    y = model(x)
+                y.backward(grad_y)
+            times = common.time_ms(graph.replay, device, warmup=3, repeats=repeats)
+        else:
+            times = common.time_ms(fwd_bwd, device, warmup=3, repeats=repeats)
+    res.ms, res.ms_median = times, common.median(times)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# tables
+
+
+def table_updates(rows: list[dict]) -> str:
+    eager = {r["agent"]: r for r in rows if r["mode"] == "none" and r["amp"] and r["status"] == "ok"}
+    lines = ["| agent | batch | tokens | mode | updates/s | ms/update | vs eager | vs 1000/s | 100k updates | "
+             "max rel. loss diff vs eager | peak MB |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        r = dict(r, mode=r["mode"] + ("" if r["amp"] else " (float32)"))
+        if r["status"] != "ok":
+            lines.append(f"| {r['agent']} | {r['batch']} | {r['tokens']} | {r['mode']} | {r['status'][:60]} "
+                         "| | | | | | |")
+            continue
+        e = eager.get(r["agent"])
+        speedup = f"{r['updates_per_s'] / e['updates_per_s']:.1f}x" if e else "-"
+        minutes = 1e5 / r["updates_per_s"] / 60
+        lines.append(
+            f"| {r['agent']} | {r['batch']} | {r['tokens']} | {r['mode']} | {r['updates_per_s']:.0f} | "
+            f"{r['ms_per_update']:.2f} | {speedup} | {r['updates_per_s'] / TARGET_UPDATES_PER_S:.2f} | "
+            f"{minutes:.1f} min | {common.fmt(r['max_rel_loss_diff_vs_eager'], nd=4)} | "
+            f"{common.fmt(r['peak_mem_mb'], nd=0)} |")
+    return "\n".join(lines)
+
+
+def table_stack(rows: list[dict]) -> str:
+    by = {(r["kind"], r["seq_len"], r["graphed"], r["dtype"]): r for r in rows}
+    lines = ["| tokens | dtype | launch | Aaren ms | Transformer ms | Aaren / Transformer | Aaren MB | Transformer MB |",
+             "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for (kind, T, graphed, dtype), a in by.items():
+        if kind != "aaren":
+            continue
+        t = by.get(("transformer", T, graphed, dtype))
+        ok = a["status"] == "ok" and t is not None and t["status"] == "ok"
+        ratio = f"{a['ms_median'] / t['ms_median']:.2f}" if ok else "-"
+        lines.append(f"| {T} | {dtype} | {'CUDA graph' if graphed else 'eager'} | "
+                     f"{common.fmt(a['ms_median'] if a['status'] == 'ok' else a['status'][:40])} | "
+                     f"{common.fmt(t['ms_median'] if t and t['status'] == 'ok' else (t or {}).get('status', '-')[:40])} | "
+                     f"{ratio} | {common.fmt(a['peak_mem_mb'], nd=0)} | {common.fmt((t or {}).get('peak_mem_mb'), nd=0)} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--agents", nargs="+", choices=list(AGENTS), default=list(AGENTS))
+    p.add_argument("--modes", nargs="+", default=None,
+                   help="compile modes (default on CUDA: none cudagraph torch.compile torch.compile+cudagraph; "
+                        "on CPU: none)")
+    p.add_argument("--compile-agents", nargs="*", choices=list(AGENTS),
+                   default=["decision_aaren/window", "decision_transformer/window"],
+                   help="agents timed with the torch.compile modes (compiling takes a minute or more each)")
+    p.add_argument("--batch", type=int, default=None, help="override every agent's batch size")
+    p.add_argument("--updates", type=int, default=300, help="updates per timed round (window context)")
+    p.add_argument("--episode-updates", type=int, default=20, help="updates per timed round (episode context)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--episodes", type=int, default=200, help="synthetic episodes")
+    p.add_argument("--episode-len", type=int, default=1000)
+    p.add_argument("--stack-lengths", type=int, nargs="*", default=[60, 3000],
+                   help="CUDA: stack fwd+bwd lengths (none: skip)")
+    p.add_argument("--budget-s", type=float, default=None, help="skip what is left after this many seconds")
+    p.add_argument("--json", default=None, help="result file (default: benchmarks/results/train_DEVICE_MACHINE.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda, but torch sees no CUDA device")
+    modes = args.modes or (["none", "cudagraph", "torch.compile", "torch.compile+cudagraph"]
+                           if device.type == "cuda" else ["none"])
+    info = common.machine_info(device.type)
+    path = args.json or common.RESULTS_DIR / f"train_{device.type}_{common.machine_slug(info)}.json"
+    t_start = time.perf_counter()
+    dataset = synthetic_dataset(args.episodes, args.episode_len).to(device)
+    updates, stack = [], []
+
+    def out_of_time() -> bool:
+        return args.budget_s is not None and time.perf_counter() - t_start > args.budget_s
+
+    def save():
+        common.write_json(path, dict(
+            benchmark="train", machine=info, model=dict(DT_DEFAULTS, dropout=0.1, obs_dim=17, act_dim=6),
+            dataset=dict(episodes=args.episodes, episode_len=args.episode_len, synthetic=True),
+            method=("updates/s: median over rounds of N updates, one sync per round (a log line); first "
+                    "losses read one per update and compared with mode 'none'. stack: median of CUDA-event "
+                    "times of one fwd+bwd; peak memory: max_memory_allocated minus allocated before"),
+            target_updates_per_s=TARGET_UPDATES_PER_S, updates=updates, stack=stack))
+
+    def one_update(agent, mode, amp=True):
+        if out_of_time():
+            r = UpdateResult(agent, mode, args.batch or AGENTS[agent][1], 0, amp, status="skipped: time budget")
+        else:
+            n = args.updates if AGENTS[agent][0]["context"] == "window" else args.episode_updates
+            try:
+                r = measure_update(agent, mode, dataset, device, n, args.rounds, batch=args.batch,
+                                   kernels=device.type == "cuda", amp=amp)
+            except Exception as e:  # noqa: BLE001 -- one failing mode must not lose the others
+                traceback.print_exc()
+                r = UpdateResult(agent, mode, args.batch or AGENTS[agent][1], 0, amp,
+                                 status=f"error: {type(e).__name__}: {e}"[:300])
+        eager = next((u for u in updates if u["agent"] == agent and u["mode"] == "none" and u["amp"]
+                      and u["status"] == "ok"), None)
+        if r.status == "ok" and eager and (mode != "none" or not amp):
+            a, b = np.array(r.first_losses), np.array(eager["first_losses"])
+            r.max_rel_loss_diff_vs_eager = float(np.max(np.abs(a - b) / np.abs(b)))
+        updates.append(asdict(r))
+        rate = r.status if r.status != "ok" else f"{r.updates_per_s:8.1f} updates/s"
+        print(f"  {agent:30s} {mode:24s} {'bf16' if amp else 'fp32'} {rate}  "
+              f"losses {['%.4f' % x for x in (r.first_losses or [])]}", flush=True)
+        save()
+
+    first, rest = [m for m in modes if "torch.compile" not in m], [m for m in modes if "torch.compile" in m]
+    for mode in first:
+        for agent in args.agents:
+            one_update(agent, mode)
+    if device.type == "cuda" and "cudagraph" in first:  # does bf16 pay at this size? (cast kernels)
+        for agent in args.agents:
+            if AGENTS[agent][0]["context"] == "window":
+                one_update(agent, "cudagraph", amp=False)
+    if device.type == "cuda":
+        for T in args.stack_lengths or []:
+            for amp in (False, True):
+                for graphed in (False, True):
+                    for kind in ("aaren", "transformer"):
+                        if out_of_time():
+                            r = StackResult(kind, T, 64, graphed, "bf16 autocast" if amp else "float32",
+                                            status="skipped: time budget")
+                        else:
+                            try:
+                                r = measure_stack(kind, T, 64, graphed, amp)
+                            except Exception as e:  # noqa: BLE001
+                                traceback.print_exc()
+                                r = StackResult(kind, T, 64, graphed, "bf16 autocast" if amp else "float32",
+                                                status=f"error: {type(e).__name__}: {e}"[:300])
+                        stack.append(asdict(r))
+                        print(f"  stack {kind:11s} T={T:5d} {r.dtype:13s} graphed={graphed}: "
+                              f"{common.fmt(r.ms_median if r.status == 'ok' else r.status)} ms", flush=True)
+                        save()
+    for mode in rest:
+        for agent in args.compile_agents or []:
+            one_update(agent, mode)
+    save()
+    print(f"\n{info.get('gpu') or info['cpu']} ({device.type}), torch {info['torch']}, triton {info.get('triton')}\n")
+    print(table_updates(updates))
+    if stack:
+        print()
+        print(table_stack(stack))
+    print(f"\nwrote {path}")
+    return 0
