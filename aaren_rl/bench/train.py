@@ -363,3 +363,11 @@ def run(args: argparse.Namespace) -> int:
         print(table_stack(stack))
     print(f"\nwrote {path}")
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))
