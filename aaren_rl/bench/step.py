@@ -7,6 +7,8 @@ of them alike:
 
 * ``aaren_fast``: ``FastAarenPolicy.predict``, the compiled C step (``kernels/cpu_step``) with the
   policy's bookkeeping, NumPy in and out. This is the number the target is about.
+* ``aaren_fast_bf16``: the same with the layers' weights in bfloat16 (AVX512_BF16 CPUs only;
+  not exact: the optional variant).
 * ``aaren_fast_predict``: ``StreamingPolicy.predict`` with the same C step inside (``fast=None``,
   the default): the C call plus ``predict``'s torch bookkeeping (input checks, state tuples).
 * ``aaren_eager``: ``StreamingPolicy(fast=False)``, the torch reference, (a_{t-1}, R_t, s_t) as one
@@ -44,9 +46,10 @@ from . import common
 
 OBS_DIM, ACT_DIM = 17, 6  # HalfCheetah
 TARGET = 6000.0  # DT's HalfCheetah target return
-METHODS = ("aaren_fast", "aaren_fast_predict", "aaren_eager", "dt_window", "dt_kvcache")
+METHODS = ("aaren_fast", "aaren_fast_bf16", "aaren_fast_predict", "aaren_eager", "dt_window", "dt_kvcache")
 LABELS = {
     "aaren_fast": "Decision Aaren, compiled step (FastAarenPolicy)",
+    "aaren_fast_bf16": "Decision Aaren, compiled step, bf16 weights (inexact)",
     "aaren_fast_predict": "Decision Aaren, compiled step in StreamingPolicy.predict",
     "aaren_eager": "Decision Aaren, torch reference step",
     "dt_window": "Decision Transformer, window recompute (K = 20)",
@@ -88,8 +91,8 @@ def make_stepper(method: str, n: int, history: int, models: dict):
     from ..kernels.cpu_step import FastAarenPolicy
 
     inp = Inputs(n)
-    if method == "aaren_fast":
-        policy = FastAarenPolicy(models["aaren"], TARGET, n)
+    if method in ("aaren_fast", "aaren_fast_bf16"):
+        policy = FastAarenPolicy(models["aaren"], TARGET, n, precision="bfloat16" if method.endswith("bf16") else "float32")
         for _ in range(history):
             policy.predict(*inp.next()[:1], reward=inp.next()[1])
 
@@ -201,7 +204,7 @@ def plot(payload: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_m, ax_r) = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, (ax_t, ax_m, ax_r) = plt.subplots(1, 3, figsize=(16, 6))
     ma, mt = payload["memory"]["aaren_fast"], payload["memory"]["dt_kvcache"]
     pa = [p for p in ma["points"] if p["us_per_step"] is not None]
     ax_t.plot([p["step"] for p in pa], [p["us_per_step"] for p in pa], "o-", label=LABELS["aaren_fast"])
@@ -213,19 +216,19 @@ def plot(payload: dict, path: Path) -> Path:
     ax_t.axhline(60, color="red", lw=0.8, label="target: 60 us")
     ax_t.set(xscale="log", yscale="log", xlabel="environment steps seen", ylabel="us per environment step (batch 1, median)",
              title="time per environment step")
-    ax_t.legend(fontsize=7)
+    ax_t.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1)
     ax_m.plot([p["step"] for p in ma["points"]], [p["state_bytes"] for p in ma["points"]], "o-", label="Decision Aaren: state (m, u, w)")
     ax_m.plot([p["step"] for p in mt["points"]], [p["cache_bytes"] for p in mt["points"]], "s-",
               label="Decision Transformer: key/value cache")
     ax_m.set(xscale="log", yscale="log", xlabel="environment steps seen", ylabel="bytes", title="recurrent state")
-    ax_m.legend(fontsize=8)
+    ax_m.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     ax_r.plot([p["step"] for p in ma["points"]], [p["rss_bytes"] / 2**20 for p in ma["points"]], "o-",
               label="Decision Aaren run (compiled step)")
     ax_r.plot([p["step"] for p in mt["points"]], [p["rss_bytes"] / 2**20 for p in mt["points"]], "s-",
               label="Decision Transformer run (KV cache)")
     ax_r.set(xscale="log", xlabel="environment steps seen", ylabel="MiB", title="process resident set (one process, runs in turn)")
     ax_r.ticklabel_format(axis="y", useOffset=False, style="plain")
-    ax_r.legend(fontsize=8)
+    ax_r.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     info = payload["machine"]
     fig.suptitle(f"{info['cpu']} ({info['cpu_count']} cores, pinned to {info['affinity']}, load average "
                  f"{payload['load_before'][0]:.1f} before / {payload['load_after'][0]:.1f} after), torch {info['torch']}, "
@@ -256,7 +259,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-s", type=float, default=0.1, help="seconds per method per round")
     p.add_argument("--aaren-steps", type=int, default=1_000_000, help="steps of the Aaren memory run")
     p.add_argument("--dt-steps", type=int, default=10_000, help="steps of the Transformer memory run")
-    p.add_argument("--memory-budget-s", type=float, default=150.0, help="time limit of the Transformer memory run")
+    p.add_argument("--memory-budget-s", type=float, default=240.0, help="time limit of the Transformer memory run")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--quick", action="store_true", help="a smoke test: few steps and rounds")
 
@@ -281,9 +284,10 @@ def run(args: argparse.Namespace) -> int:
     timing = []
     for n in args.batch:
         print(f"batch {n}: preparing states at t = {args.history} ...", flush=True)
-        steppers = {m: make_stepper(m, n, args.history, models) for m in METHODS}
+        methods = [m for m in METHODS if m != "aaren_fast_bf16" or cpu_step.load_library().aaren_has_bf16()]
+        steppers = {m: make_stepper(m, n, args.history, models) for m in methods}
         samples = time_interleaved(steppers, args.rounds, args.block_s)
-        for m in METHODS:
+        for m in methods:
             xs = samples[m]
             q = np.percentile(xs, [10, 50, 90])
             timing.append({"method": m, "batch": n, "us_per_call": float(q[1]), "us_per_env_step": float(q[1]) / n,
@@ -307,6 +311,7 @@ def run(args: argparse.Namespace) -> int:
     if b1:
         headline = {
             "aaren_us_per_step": b1["aaren_fast"],
+            "aaren_bf16_us_per_step": b1.get("aaren_fast_bf16"),
             "aaren_predict_us_per_step": b1["aaren_fast_predict"],
             "aaren_eager_us_per_step": b1["aaren_eager"],
             "dt_window_us_per_step": b1["dt_window"],
