@@ -162,23 +162,27 @@ class StackResult:
     batch: int
     graphed: bool
     dtype: str
+    compiled: bool = False  # torch.compile(model) before the graph is captured
     status: str = "ok"
     ms_median: float | None = None
     ms: list | None = None
     peak_mem_mb: float | None = None
 
 
-def measure_stack(kind: str, seq_len: int, batch: int, graphed: bool, amp: bool, repeats: int = 20) -> StackResult:
-    """fwd+bwd of ``Backbone(kind, 3, 128, 1)`` on CUDA, eager or replayed from a CUDA graph."""
-    res = StackResult(kind, seq_len, batch, graphed, "bf16 autocast" if amp else "float32")
+def measure_stack(kind: str, seq_len: int, batch: int, graphed: bool, amp: bool, repeats: int = 20,
+                  compiled: bool = False) -> StackResult:
+    """fwd+bwd of ``Backbone(kind, 3, 128, 1)`` on CUDA, eager or replayed from a CUDA graph
+    (``compiled``: of the torch.compile'd stack)."""
+    res = StackResult(kind, seq_len, batch, graphed, "bf16 autocast" if amp else "float32", compiled)
     device = "cuda"
     torch.manual_seed(0)
-    model = Backbone(kind, dropout=0.0, **DT_DEFAULTS).to(device)
+    module = Backbone(kind, dropout=0.0, **DT_DEFAULTS).to(device)
+    model = torch.compile(module, dynamic=False) if compiled else module
     x = torch.randn(batch, seq_len, DT_DEFAULTS["embed_dim"], device=device)
     grad_y = torch.randn_like(x)
 
     def fwd_bwd():
-        model.zero_grad(set_to_none=True)
+        module.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=not graphed):
             y = model(x)
         y.backward(grad_y)
@@ -197,7 +201,7 @@ def measure_stack(kind: str, seq_len: int, batch: int, graphed: bool, amp: bool,
                 for _ in range(3):
                     fwd_bwd()
             torch.cuda.current_stream().wait_stream(side)
-            model.zero_grad(set_to_none=True)
+            module.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
@@ -236,17 +240,23 @@ def table_updates(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _launch(r: dict) -> str:
+    if r.get("compiled"):
+        return "torch.compile + CUDA graph" if r["graphed"] else "torch.compile"
+    return "CUDA graph" if r["graphed"] else "eager"
+
+
 def table_stack(rows: list[dict]) -> str:
-    by = {(r["kind"], r["seq_len"], r["graphed"], r["dtype"]): r for r in rows}
+    by = {(r["kind"], r["seq_len"], _launch(r), r["dtype"]): r for r in rows}
     lines = ["| tokens | dtype | launch | Aaren ms | Transformer ms | Aaren / Transformer | Aaren MB | Transformer MB |",
              "|---:|---|---|---:|---:|---:|---:|---:|"]
-    for (kind, T, graphed, dtype), a in by.items():
+    for (kind, T, launch, dtype), a in by.items():
         if kind != "aaren":
             continue
-        t = by.get(("transformer", T, graphed, dtype))
+        t = by.get(("transformer", T, launch, dtype))
         ok = a["status"] == "ok" and t is not None and t["status"] == "ok"
         ratio = f"{a['ms_median'] / t['ms_median']:.2f}" if ok else "-"
-        lines.append(f"| {T} | {dtype} | {'CUDA graph' if graphed else 'eager'} | "
+        lines.append(f"| {T} | {dtype} | {launch} | "
                      f"{common.fmt(a['ms_median'] if a['status'] == 'ok' else a['status'][:40])} | "
                      f"{common.fmt(t['ms_median'] if t and t['status'] == 'ok' else (t or {}).get('status', '-')[:40])} | "
                      f"{ratio} | {common.fmt(a['peak_mem_mb'], nd=0)} | {common.fmt((t or {}).get('peak_mem_mb'), nd=0)} |")
@@ -274,6 +284,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--episode-len", type=int, default=1000)
     p.add_argument("--stack-lengths", type=int, nargs="*", default=[60, 3000],
                    help="CUDA: stack fwd+bwd lengths (none: skip)")
+    p.add_argument("--stack-modes", nargs="*", default=["eager", "cudagraph"],
+                   choices=["eager", "cudagraph", "torch.compile+cudagraph"])
+    p.add_argument("--stack-dtypes", nargs="*", default=["float32", "bf16"], choices=["float32", "bf16"])
+    p.add_argument("--fp32-graph", action="store_true", help="also time the CUDA-graph update in float32")
     p.add_argument("--budget-s", type=float, default=None, help="skip what is left after this many seconds")
     p.add_argument("--json", default=None, help="result file (default: benchmarks/results/train_DEVICE_MACHINE.json)")
 
@@ -329,27 +343,28 @@ def run(args: argparse.Namespace) -> int:
     for mode in first:
         for agent in args.agents:
             one_update(agent, mode)
-    if device.type == "cuda" and "cudagraph" in first:  # does bf16 pay at this size? (cast kernels)
+    if device.type == "cuda" and "cudagraph" in first and args.fp32_graph:  # does bf16 pay here? (casts)
         for agent in args.agents:
             if AGENTS[agent][0]["context"] == "window":
                 one_update(agent, "cudagraph", amp=False)
     if device.type == "cuda":
+        launches = {"eager": (False, False), "cudagraph": (True, False), "torch.compile+cudagraph": (True, True)}
         for T in args.stack_lengths or []:
-            for amp in (False, True):
-                for graphed in (False, True):
+            for amp in [d == "bf16" for d in args.stack_dtypes]:
+                for graphed, compiled in [launches[m] for m in args.stack_modes]:
                     for kind in ("aaren", "transformer"):
+                        dtype = "bf16 autocast" if amp else "float32"
                         if out_of_time():
-                            r = StackResult(kind, T, 64, graphed, "bf16 autocast" if amp else "float32",
-                                            status="skipped: time budget")
+                            r = StackResult(kind, T, 64, graphed, dtype, compiled, status="skipped: time budget")
                         else:
                             try:
-                                r = measure_stack(kind, T, 64, graphed, amp)
+                                r = measure_stack(kind, T, 64, graphed, amp, compiled=compiled)
                             except Exception as e:  # noqa: BLE001
                                 traceback.print_exc()
-                                r = StackResult(kind, T, 64, graphed, "bf16 autocast" if amp else "float32",
+                                r = StackResult(kind, T, 64, graphed, dtype, compiled,
                                                 status=f"error: {type(e).__name__}: {e}"[:300])
                         stack.append(asdict(r))
-                        print(f"  stack {kind:11s} T={T:5d} {r.dtype:13s} graphed={graphed}: "
+                        print(f"  stack {kind:11s} T={T:5d} {r.dtype:13s} {_launch(asdict(r))}: "
                               f"{common.fmt(r.ms_median if r.status == 'ok' else r.status)} ms", flush=True)
                         save()
     for mode in rest:
