@@ -93,9 +93,20 @@ def evaluate_policy(policy: StreamingPolicy, env_id: str, n_episodes: int = 10, 
 
 def record_video(policy: StreamingPolicy, env_id: str, path: str | Path, seed: int = 0, fps: int = 30) -> Path:
     """Render one episode to ``path`` (.gif, or .mp4 with imageio-ffmpeg). MuJoCo headless: MUJOCO_GL=egl."""
+    import os
+
     import imageio.v2 as imageio
 
     path = Path(path)
+    if path.suffix not in (".gif", ".mp4"):
+        raise ValueError(f"video path must end in .gif or .mp4, got {path}")
+    if path.suffix == ".mp4":
+        try:
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError:
+            raise ValueError("an .mp4 video needs imageio-ffmpeg (pip install imageio-ffmpeg); or use .gif") from None
+    if not os.environ.get("DISPLAY"):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering
     path.parent.mkdir(parents=True, exist_ok=True)
     env = gym.make(env_id, render_mode="rgb_array")
     frames, state = [], None

@@ -34,6 +34,8 @@ def plot_runs(runs: dict[str, str | Path], out: str | Path, tags=DEFAULT_TAGS, t
             if tag in s:
                 steps, values = s[tag]
                 ax.plot(steps, values, label=label, marker="o" if len(steps) < 15 else None, ms=3)
+        if "loss" in tag:
+            ax.set_yscale("log")
         ax.set_title(tag)
         ax.set_xlabel("update")
         ax.grid(alpha=0.3)

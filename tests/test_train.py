@@ -136,3 +136,30 @@ def test_bad_inputs_fail_clearly(tmp_path, hdf5_dataset, capsys):
         main(["train", "--dataset", str(hdf5_dataset), "--logdir", str(tmp_path / "full")])
     with pytest.raises(SystemExit, match="no such HDF5 dataset file"):
         main(["train", "--dataset", str(tmp_path / "missing.hdf5"), "--logdir", str(tmp_path / "r2")])
+
+
+def test_evaluate_records_a_video(tmp_path):
+    # a MuJoCo env rendered headless (EGL); an untrained model drops the pole within a few steps
+    import os
+    import subprocess
+    import sys
+
+    from aaren_rl.model import ModelConfig
+
+    torch.manual_seed(0)
+    model = DecisionModel(ModelConfig(embed_dim=16, n_layer=1, observation_dim=4, action_dim=1,
+                                      action_low=[-3.0], action_high=[3.0]))
+    save_checkpoint(tmp_path / "ck", 1, model, {"env_id": "InvertedPendulum-v5", "target_return": 100.0})
+    video = tmp_path / "episode.gif"
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    proc = subprocess.run([sys.executable, "-m", "aaren_rl", "evaluate", str(tmp_path / "ck"), "--episodes", "1",
+                           "--video", str(video)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    if proc.returncode and ("EGL" in proc.stderr or "glGetError" in proc.stderr):
+        pytest.skip(f"no headless OpenGL here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr
+    import imageio.v2 as imageio
+
+    frames = imageio.mimread(video)
+    assert len(frames) >= 2 and frames[0].shape[-1] in (3, 4)
+    with pytest.raises(SystemExit, match="--video must end in .gif or .mp4"):
+        main(["evaluate", str(tmp_path / "ck"), "--episodes", "1", "--video", str(tmp_path / "v.avi")])

@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.video and Path(args.video).suffix not in (".gif", ".mp4"):
+        raise SystemExit(f"error: --video must end in .gif or .mp4, got {args.video}")
     try:
         model, info = load_checkpoint(args.checkpoint, device=args.device)
     except (FileNotFoundError, ValueError) as e:
