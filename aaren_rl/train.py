@@ -6,10 +6,11 @@ does; ``context="episode"`` samples whole episodes from t = 0 and trains every p
 parallel pass (the Aaren scan), which is what the recurrent policy sees when it acts.
 
 Speed (``TrainConfig.compile``): at DT's size a step is a few hundred small kernels, so on a GPU
-the host's launching, not the GPU, bounds it. ``"cudagraph"`` (the default on CUDA) captures the
-whole update (sampling, forward, backward, clip, AdamW) once in a CUDA graph and replays it;
-``UpdateStep`` says what that requires. Nothing in the loop reads the GPU back except the log
-lines, every ``log_every`` updates. Measurements: docs/train_speed.md.
+the host's launching, not the GPU, bounds it. ``"cudagraph"`` captures the whole update
+(sampling, forward, backward, clip, AdamW) once in a CUDA graph and replays it; ``UpdateStep``
+says what that requires. The default on CUDA adds torch.compile, which fuses the small
+elementwise kernels the graph still holds (~430 per update eagerly). Nothing in the loop reads
+the GPU back except the log lines, every ``log_every`` updates. Measurements: docs/train_speed.md.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from .model import DecisionModel, ModelConfig
 
 # how the update runs: "none" eagerly; "cudagraph" captured once in a CUDA graph and replayed;
 # "torch.compile" with the forward and loss compiled; "torch.compile+cudagraph" both;
-# "auto": "cudagraph" on CUDA (the fastest measured on the H200, docs/train_speed.md), else "none"
+# "auto": "torch.compile+cudagraph" on CUDA (the fastest measured on the H200, 1.8-2.2x
+# "cudagraph", docs/train_speed.md; compiling adds ~20 s at the start), else "none"
 COMPILE_MODES = ("auto", "none", "cudagraph", "torch.compile", "torch.compile+cudagraph")
 
 
@@ -98,7 +100,7 @@ def resolve_compile(mode: str, device: torch.device) -> str:
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
     if mode == "auto":
-        return "cudagraph" if device.type == "cuda" else "none"
+        return "torch.compile+cudagraph" if device.type == "cuda" else "none"
     if "cudagraph" in mode and device.type != "cuda":
         raise ValueError(f"compile={mode!r} needs a CUDA device, but training runs on {device}; "
                          f"use 'none' or 'torch.compile'")

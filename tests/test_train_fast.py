@@ -71,7 +71,7 @@ def test_compile_modes_are_checked_and_auto_is_eager_on_cpu():
     with pytest.raises(ValueError, match="needs a CUDA device"):
         resolve_compile("cudagraph", torch.device("cpu"))
     if torch.cuda.is_available():
-        assert resolve_compile("auto", torch.device("cuda")) == "cudagraph"
+        assert resolve_compile("auto", torch.device("cuda")) == "torch.compile+cudagraph"
 
 
 def test_fixed_length_episode_batches_give_the_same_losses():
