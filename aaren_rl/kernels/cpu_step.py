@@ -371,7 +371,7 @@ class FastAarenStep:
             raise ValueError(f"state must be float32 on the CPU, got {m.dtype} on {m.device}")
         obs, rtg = _c(obs, torch.float32), _c(returns_to_go, torch.float32)
         t, start = _c(timestep, torch.int64), _c(starts, torch.bool)
-        out = torch.empty(n, self.action_dim)
+        out = torch.empty(n, self.action_dim, dtype=torch.float32)
         io = self._io
         io.n = n
         io.obs, io.rtg, io.timestep, io.start = obs.data_ptr(), rtg.data_ptr(), t.data_ptr(), start.data_ptr()
@@ -394,8 +394,10 @@ class FastAarenPolicy:
 
     ``predict(obs, episode_start, reward)`` has ``StreamingPolicy.predict``'s meaning (actions in
     env units; ``episode_start`` marks rows that begin an episode, all rows on the first call;
-    ``reward`` is what each env returned for the previous action). Deterministic only (a discrete
-    model takes the argmax). The returned array is reused by the next call: copy it to keep it.
+    ``reward`` is what each env returned for the previous action; None counts as 0).
+    Deterministic only (a discrete model takes the argmax). For speed it checks only shapes (no
+    NaN checks, unlike ``StreamingPolicy``). The returned array is reused by the next call: copy
+    it to keep it. It packs the weights once: call ``fast.repack()`` after changing them.
     """
 
     def __init__(self, model, target_return: float, n_envs: int = 1, precision: str = "float32"):
