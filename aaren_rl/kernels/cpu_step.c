@@ -10,7 +10,7 @@
  *      projection -> residual -> ln_2 -> MLP (fc, exact-erf GELU, proj) -> residual
  *   -> ln_f at the s_t token -> action head (tanh, or logits when discrete).
  *
- * Why one call: at batch 1 the model is ~1.5 M multiply-adds per environment step, about 30 us
+ * Why one call: at batch 1 the model is ~1.3 M multiply-adds per environment step, about 30 us
  * of arithmetic on one core, while calling ~100 small operators from Python costs ~1-2 ms.
  *
  * Two savings that change no output: the matrix products run on all 3 tokens (x n envs) at once
@@ -19,8 +19,8 @@
  *
  * Weights come packed by cpu_step.py: every Linear transposed to (in, out) so that a row of
  * outputs is a sum of weight rows scaled by inputs (vector FMAs, no horizontal sums), cut into
- * panels of aaren_panel_width() output columns; output widths padded to a multiple of 16 floats. The offsets of
- * each tensor are in `meta`.
+ * panels of aaren_panel_width() output columns; output widths padded to a multiple of 16
+ * floats. The offsets of each tensor are in `meta`.
  *
  * The state (m, u, w) per layer and head is updated in place. The empty state is m = -inf,
  * u = 0 (as AarenState.empty); the fold tests u == 0 instead of computing with infinities, so the
