@@ -120,7 +120,12 @@ class StreamingPolicy:
         ``episode_start`` (n_envs,) bool: rows that begin an episode (all rows when ``state`` is
         None). ``reward`` (n_envs,): the reward each environment just returned for the previous
         action; needed for every row that goes on with its episode.
+
+        With the compiled CPU step the state is a set of preallocated buffers that each call
+        updates in place (and returns): the whole step is one C call.
         """
+        if self.fast_step is not None and (deterministic or not self.model.config.discrete):
+            return self._predict_compiled(observation, state, episode_start, reward)
         obs = self._as_tensor("observation", observation, torch.float32)
         single = obs.dim() == 1
         obs = obs.unsqueeze(0) if single else obs
@@ -164,9 +169,52 @@ class StreamingPolicy:
         state = self.record_action(replace(state, timestep=state.timestep + 1), chosen, model_units=True)
         return (action[0] if single else action), state
 
+    def _predict_compiled(self, observation, state, episode_start, reward):
+        from .kernels.cpu_step import FastAarenPolicy
+
+        D = self.model.config.observation_dim
+        obs = np.asarray(observation, dtype=np.float32)
+        if obs.ndim not in (1, 2) or obs.shape[-1] != D:
+            raise ValueError(f"observation must have shape (n_envs, {D}) or ({D},), got {obs.shape}")
+        single = obs.ndim == 1
+        obs = obs.reshape(-1, D)
+        if not np.isfinite(obs).all():
+            raise ValueError("observation contains NaN or inf")
+        n = obs.shape[0]
+        if state is None:
+            state = FastAarenPolicy(self.model, self.target_return, n, step=self.fast_step)
+        elif not isinstance(state, FastAarenPolicy) or state.n_envs != n:
+            raise ValueError(f"state must be the state this policy returned for {n} environments (from reset or "
+                             f"predict), got {type(state).__name__}")
+        if episode_start is not None:
+            episode_start = np.asarray(episode_start, dtype=bool).reshape(-1)
+            if episode_start.shape != (n,):
+                raise ValueError(f"episode_start must have shape ({n},), got {episode_start.shape}")
+        starting = state.start.astype(bool) | (False if episode_start is None else episode_start)
+        if not starting.all():
+            if reward is None:
+                raise ValueError("reward is required for environments that go on with their episode")
+            reward = np.asarray(reward, dtype=np.float32).reshape(-1)
+            if reward.shape != (n,):
+                raise ValueError(f"reward must have shape ({n},), got {reward.shape}")
+            if not np.isfinite(reward).all():
+                raise ValueError("reward contains NaN or inf")
+        self.fast_step.ensure_packed()
+        action = state.predict(obs, episode_start, reward).copy()
+        return (action[0] if single else action), state
+
+    def state_nbytes(self, state) -> int:
+        """Bytes of the recurrent state that grows (Transformer) or does not (Aaren)."""
+        if hasattr(state, "state_nbytes"):
+            return state.state_nbytes()
+        return sum(s.nbytes() for s in state.backbone) if state.backbone is not None else 0
+
     def record_action(self, state: PolicyState, action, model_units: bool = False) -> PolicyState:
         """Set the remembered a_t to the action actually executed (exploration noise, clipping, a
         logged trajectory). ``predict`` records its own action; call this after it to override."""
+        if hasattr(state, "record_action"):  # the compiled step's buffers
+            state.record_action(action)
+            return state
         if not model_units:
             a = self._as_tensor("action", action, torch.long if self.model.config.discrete else torch.float32)
             if a.numel() != state.prev_action.numel():

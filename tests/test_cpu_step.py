@@ -38,6 +38,8 @@ def rollout(n_envs, T, obs_dim, act_dim, discrete, seed=1):
 
 
 def state_arrays(state):
+    if isinstance(state, cpu_step.FastAarenPolicy):  # the compiled step's buffers
+        return [state.m, state.u, state.w]
     return [torch.stack([getattr(s, k) for s in state.backbone]).numpy() for k in ("m", "u", "w")]
 
 
@@ -84,7 +86,7 @@ def test_fast_policy_equals_reference_with_episode_starts(config, n_envs, discre
             lean.record_action(taken[t])
         assert_state_close(state_arrays(s_fast), state_arrays(s_ref))
     assert_state_close([lean.m, lean.u, lean.w], state_arrays(s_ref))
-    assert torch.equal(s_fast.timestep, s_ref.timestep) and np.array_equal(lean.timestep, s_ref.timestep.numpy())
+    assert np.array_equal(s_fast.timestep, s_ref.timestep.numpy()) and np.array_equal(lean.timestep, s_ref.timestep.numpy())
 
 
 @needs_compiler
@@ -105,24 +107,30 @@ def test_bf16_variant_stays_close_to_the_reference():
 
 
 @needs_compiler
-def test_fast_step_leaves_the_given_state_unchanged_and_sees_weight_updates():
+def test_step_torch_leaves_the_given_state_unchanged_and_policies_see_weight_updates():
     model = make_model()
     ref, fast = StreamingPolicy(model, 3.0, fast=False), StreamingPolicy(model, 3.0)
     obs, rewards, starts, _, _ = rollout(2, 6, 5, 3, False)
-    s_fast = None
+    s_ref, s_fast = None, None
     for t in range(5):
-        _, s_fast = fast.predict(obs[t], s_fast, episode_start=starts[t], reward=rewards[t - 1] if t else None)
-    before = [a.copy() for a in state_arrays(s_fast)]
-    a1, _ = fast.predict(obs[5], s_fast, reward=rewards[4])
-    a2, _ = fast.predict(obs[5], s_fast, reward=rewards[4])  # the same state again: the same action
-    assert np.array_equal(a1, a2)
-    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(before, state_arrays(s_fast)))
+        rew = rewards[t - 1] if t else None
+        _, s_ref = ref.predict(obs[t], s_ref, episode_start=starts[t], reward=rew)
+        _, s_fast = fast.predict(obs[t], s_fast, episode_start=starts[t], reward=rew)
+    # the functional step: the same inputs twice give the same outputs, and the input state stays
+    before = [a.copy() for a in state_arrays(s_ref)]
+    args = (model.normalize_obs(torch.as_tensor(obs[5])), s_ref.prev_action, s_ref.returns_to_go, s_ref.timestep,
+            torch.zeros(2, dtype=torch.bool), s_ref.backbone)
+    out1, _ = fast.fast_step.step_torch(*args)
+    out2, _ = fast.fast_step.step_torch(*args)
+    assert torch.equal(out1, out2)
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(before, state_arrays(s_ref)))
     with torch.no_grad():  # training goes on: the next step must use the new weights
         model.backbone.blocks[0].mlp.fc.weight.mul_(1.5)
-    s_ref = s_fast
     a_fast, _ = fast.predict(obs[5], s_fast, reward=rewards[4])
     a_ref, _ = ref.predict(obs[5], s_ref, reward=rewards[4])
-    assert np.abs(a_fast - a_ref).max() <= 1e-5 and np.abs(a_fast - a1).max() > 1e-4
+    assert np.abs(a_fast - a_ref).max() <= 1e-5
+    out3, _ = fast.fast_step.step_torch(*args)
+    assert (out3 - out1).abs().max() > 1e-4
 
 
 @needs_compiler

@@ -340,6 +340,11 @@ class FastAarenStep:
         self._packed_versions = _versions(self._tensors)
         self._io.params, self._io.meta = self.params.ctypes.data, self.meta.ctypes.data
 
+    def ensure_packed(self) -> None:
+        """Repack if any parameter or buffer changed in place since the last packing."""
+        if _versions(self._tensors) != self._packed_versions:
+            self.repack()
+
     def scratch(self, n: int) -> np.ndarray:
         if n not in self._scratch:
             self._scratch[n] = _aligned_empty(self.lib.aaren_scratch_floats(self.meta.ctypes.data, n))
@@ -361,8 +366,7 @@ class FastAarenStep:
         """
         from ..layer import AarenState
 
-        if _versions(self._tensors) != self._packed_versions:
-            self.repack()
+        self.ensure_packed()
         n = obs.shape[0]
         m = torch.stack([s.m for s in backbone])  # (L, n, H): fresh tensors the C step updates
         u = torch.stack([s.u for s in backbone])
@@ -373,6 +377,7 @@ class FastAarenStep:
         t, start = _c(timestep, torch.int64), _c(starts, torch.bool)
         out = torch.empty(n, self.action_dim, dtype=torch.float32)
         io = self._io
+        self._owner = None  # the I/O block now points at this call's tensors, not a policy's buffers
         io.n = n
         io.obs, io.rtg, io.timestep, io.start = obs.data_ptr(), rtg.data_ptr(), t.data_ptr(), start.data_ptr()
         if self.discrete:
@@ -400,10 +405,12 @@ class FastAarenPolicy:
     it to keep it. It packs the weights once: call ``fast.repack()`` after changing them.
     """
 
-    def __init__(self, model, target_return: float, n_envs: int = 1, precision: str = "float32"):
+    def __init__(self, model, target_return: float, n_envs: int = 1, precision: str = "float32",
+                 step: "FastAarenStep | None" = None):
+        """``step``: an existing packed model to share (several policies may share one)."""
         if n_envs <= 0:
             raise ValueError(f"n_envs must be positive, got {n_envs}")
-        self.fast = FastAarenStep(model.eval(), precision)
+        self.fast = step if step is not None else FastAarenStep(model.eval(), precision)
         self.n_envs, self.target_return = n_envs, float(target_return)
         c = model.config
         n, A = n_envs, c.action_dim
@@ -418,15 +425,21 @@ class FastAarenPolicy:
         self.prev_index = np.zeros(n, np.int64)
         self.out = np.zeros((n, A), np.float32)
         self.action = np.zeros((n, A), np.float32)
-        io = self.fast._io  # this policy owns its step object, so the pointers are set once
-        io.n = n
+        self._call, self._io_ptr = self.fast.lib.aaren_policy_step, self.fast._io_ptr
+        self._bind()
+        self.reset()
+
+    def _bind(self) -> None:
+        """Point the step's I/O block at this policy's buffers (once, unless another policy
+        sharing the step used it since)."""
+        io = self.fast._io
+        io.n = self.n_envs
         for name in ("obs", "reward", "start", "rtg", "timestep", "prev_action", "prev_index", "m", "u", "w",
                      "out", "action"):
             setattr(io, name, getattr(self, name).ctypes.data)
-        io.scratch = self.fast.scratch(n).ctypes.data
+        io.scratch = self.fast.scratch(self.n_envs).ctypes.data
         io.target_return, io.normalize_obs = self.target_return, 1
-        self._call, self._io_ptr = self.fast.lib.aaren_policy_step, self.fast._io_ptr
-        self.reset()
+        self.fast._owner = self
 
     def reset(self) -> None:
         """Every environment begins a new episode at the next call."""
@@ -442,6 +455,8 @@ class FastAarenPolicy:
         if episode_start is not None:
             self.start[...] = episode_start
         self.reward[...] = 0.0 if reward is None else reward
+        if getattr(self.fast, "_owner", None) is not self:
+            self._bind()
         self._call(self._io_ptr)
         self.start.fill(0)
         return self.action.reshape(-1)[:self.n_envs].astype(np.int64) if self.fast.discrete else self.action
