@@ -63,6 +63,7 @@ def main(argv=None) -> int:
                 row = {"dataset": Path(source).stem, "agent": agent, "seed": seed, "train_seconds": train_s,
                        **{k: v for k, v in res.items() if k not in ("returns", "lengths")}}
                 rows.append(row)
+                write_json_atomic(out / "compare.json", {"env": env["env_id"], "target_return": target, "rows": rows})
                 print(f"{row['dataset']:>20} {agent:>28} seed {seed}: score {row['normalized_score_mean']:.1f} "
                       f"(return {row['return_mean']:.0f}), {row['policy_ms_per_step']:.2f} ms/step, train {train_s:.0f} s",
                       flush=True)
