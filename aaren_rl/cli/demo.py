@@ -33,7 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-episodes", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default: 1; small models gain little from more, and "
+                        "OpenMP threads competing with another busy process can slow them 100x)")
 
 
 # The agents' presets are DT's 100k-update MuJoCo setting; a demo of a few thousand updates on two
