@@ -35,7 +35,7 @@ test-all: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m ""
 
 bench: setup
-	$(PY) -m aaren_rl bench layer
+	$(PY) -m aaren_rl bench all
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -1,7 +1,8 @@
 """``aaren-rl bench NAME``: run one benchmark, print its table, write its JSON.
 
 Each benchmark is a module ``aaren_rl.bench.NAME`` with ``add_arguments(parser)`` and
-``run(args)``; one not written yet is left out of the choices.
+``run(args)``; one not written yet is left out of the choices. ``aaren-rl bench all`` runs every
+benchmark that this machine can run (the GPU ones where CUDA is available) with its defaults.
 """
 
 from __future__ import annotations
@@ -29,6 +30,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
         p.set_defaults(bench_run=module.run)
+    p = sub.add_parser("all", help="every benchmark this machine can run, with its defaults")
+    p.set_defaults(bench_run=run_all)
+
+
+GPU_ONLY = {"scan", "train"}
+
+
+def run_all(args: argparse.Namespace) -> int:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    plan = [("layer", [])] + ([("layer", ["--device", "cuda"])] if cuda else []) + [("step", [])]
+    plan += [(name, []) for name in ("scan", "train") if cuda]
+    if not cuda:
+        print(f"no CUDA GPU: skipping {', '.join(sorted(GPU_ONLY))} and the GPU layer benchmark")
+    for name, argv in plan:
+        module = importlib.import_module(f"aaren_rl.bench.{name}")
+        p = argparse.ArgumentParser(prog=f"aaren-rl bench {name}")
+        module.add_arguments(p)
+        print(f"\n=== aaren-rl bench {name} {' '.join(argv)}".rstrip(), flush=True)
+        module.run(p.parse_args(argv))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
