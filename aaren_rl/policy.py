@@ -79,6 +79,10 @@ class StreamingPolicy:
         """The state before the first step of ``n_envs`` environments."""
         if n_envs <= 0:
             raise ValueError(f"n_envs must be positive, got {n_envs}")
+        if self.fast_step is not None:  # the compiled step's preallocated buffers
+            from .kernels.cpu_step import FastAarenPolicy
+
+            return FastAarenPolicy(self.model, self.target_return, n_envs, step=self.fast_step)
         c, dev = self.model.config, self.device
         prev = torch.zeros(n_envs, dtype=torch.long, device=dev) if c.discrete else torch.zeros(n_envs, c.action_dim, device=dev)
         state = PolicyState(
@@ -124,7 +128,10 @@ class StreamingPolicy:
         With the compiled CPU step the state is a set of preallocated buffers that each call
         updates in place (and returns): the whole step is one C call.
         """
-        if self.fast_step is not None and (deterministic or not self.model.config.discrete):
+        if self.fast_step is not None and not isinstance(state, PolicyState):
+            if self.model.config.discrete and not deterministic:
+                raise ValueError("the compiled step acts deterministically; for sampled actions of a "
+                                 "discrete model use StreamingPolicy(..., fast=False)")
             return self._predict_compiled(observation, state, episode_start, reward)
         obs = self._as_tensor("observation", observation, torch.float32)
         single = obs.dim() == 1
@@ -182,7 +189,7 @@ class StreamingPolicy:
             raise ValueError("observation contains NaN or inf")
         n = obs.shape[0]
         if state is None:
-            state = FastAarenPolicy(self.model, self.target_return, n, step=self.fast_step)
+            state = self.reset(n)
         elif not isinstance(state, FastAarenPolicy) or state.n_envs != n:
             raise ValueError(f"state must be the state this policy returned for {n} environments (from reset or "
                              f"predict), got {type(state).__name__}")
@@ -190,10 +197,10 @@ class StreamingPolicy:
             episode_start = np.asarray(episode_start, dtype=bool).reshape(-1)
             if episode_start.shape != (n,):
                 raise ValueError(f"episode_start must have shape ({n},), got {episode_start.shape}")
-        starting = state.start.astype(bool) | (False if episode_start is None else episode_start)
-        if not starting.all():
-            if reward is None:
+        if reward is None:
+            if not (state.start.all() or (episode_start is not None and episode_start.all())):
                 raise ValueError("reward is required for environments that go on with their episode")
+        else:
             reward = np.asarray(reward, dtype=np.float32).reshape(-1)
             if reward.shape != (n,):
                 raise ValueError(f"reward must have shape ({n},), got {reward.shape}")
