@@ -4,21 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from aaren_rl.model import DecisionModel, ModelConfig
+from aaren_rl.model import ModelConfig
 from aaren_rl.policy import StreamingPolicy
-
-
-def make_model(backbone="aaren", context="episode", discrete=False, seed=0, obs_dim=5, act_dim=3, K=20):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(backbone=backbone, context=context, context_len=K, n_layer=2, embed_dim=32, n_head=2,
-                      dropout=0.1, return_scale=10.0, observation_dim=obs_dim, action_dim=act_dim,
-                      discrete=discrete, action_low=[] if discrete else [-2.0] * act_dim,
-                      action_high=[] if discrete else [1.0] * act_dim)
-    model = DecisionModel(cfg, obs_mean=torch.randn(obs_dim), obs_std=torch.rand(obs_dim) + 0.5)
-    with torch.no_grad():  # break GPT-2's small init so that every input matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return model.eval()
+from helpers import make_model
 
 
 def trajectory(T=40, obs_dim=5, act_dim=3, discrete=False, seed=1):

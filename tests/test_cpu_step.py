@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import helpers
 from aaren_rl.kernels import cpu_step
 from aaren_rl.model import DecisionModel, ModelConfig
 from aaren_rl.policy import StreamingPolicy
@@ -12,16 +13,8 @@ needs_compiler = pytest.mark.skipif(not cpu_step.available(), reason="no C compi
 
 
 def make_model(discrete=False, n_layer=2, embed_dim=32, n_head=2, obs_dim=5, act_dim=3, max_timestep=1000, seed=0):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(backbone="aaren", context="episode", n_layer=n_layer, embed_dim=embed_dim, n_head=n_head,
-                      max_timestep=max_timestep, return_scale=10.0, observation_dim=obs_dim, action_dim=act_dim,
-                      discrete=discrete, action_low=[] if discrete else [-2.0] * act_dim,
-                      action_high=[] if discrete else [1.0] * act_dim)
-    model = DecisionModel(cfg, obs_mean=torch.randn(obs_dim), obs_std=torch.rand(obs_dim) + 0.5)
-    with torch.no_grad():  # break GPT-2's small init so that every input matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return model.eval()
+    return helpers.make_model("aaren", "episode", discrete, n_layer, embed_dim, n_head, obs_dim, act_dim,
+                              max_timestep=max_timestep, seed=seed)
 
 
 def rollout(n_envs, T, obs_dim, act_dim, discrete, seed=1):
