@@ -19,19 +19,19 @@ SUBCOMMANDS = {
 }
 
 
+def add_subcommands(sub, package: str, commands: dict[str, str], run_key: str) -> None:
+    """One sub-parser per module ``package.NAME`` (its ``add_arguments`` and ``run``)."""
+    for name, help_text in commands.items():
+        module = importlib.import_module(f"{package}.{name}")
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(**{run_key: module.run})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aaren-rl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, help_text in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(f"aaren_rl.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"aaren_rl.cli.{name}":
-                raise
-            continue  # not written yet
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(p)
-        p.set_defaults(run=module.run)
+    add_subcommands(sub, "aaren_rl.cli", SUBCOMMANDS, "run")
     return parser
 
 

@@ -1,8 +1,8 @@
 """``aaren-rl bench NAME``: run one benchmark, print its table, write its JSON.
 
 Each benchmark is a module ``aaren_rl.bench.NAME`` with ``add_arguments(parser)`` and
-``run(args)``; one not written yet is left out of the choices. ``aaren-rl bench all`` runs every
-benchmark that this machine can run (the GPU ones where CUDA is available) with its defaults.
+``run(args)``. ``aaren-rl bench all`` runs every benchmark that this machine can run (the GPU ones
+where CUDA is available) with its defaults.
 """
 
 from __future__ import annotations
@@ -19,17 +19,10 @@ BENCHMARKS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from . import add_subcommands
+
     sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    for name, help_text in BENCHMARKS.items():
-        try:
-            module = importlib.import_module(f"aaren_rl.bench.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"aaren_rl.bench.{name}":
-                raise
-            continue  # not written yet
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(p)
-        p.set_defaults(bench_run=module.run)
+    add_subcommands(sub, "aaren_rl.bench", BENCHMARKS, "bench_run")
     p = sub.add_parser("all", help="every benchmark this machine can run, with its defaults")
     p.set_defaults(bench_run=run_all)
 
