@@ -15,6 +15,7 @@ the GPU back except the log lines, every ``log_every`` updates. Measurements: do
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -304,11 +305,11 @@ def train(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDat
         from .evaluate import evaluate_policy  # gymnasium only where an evaluation runs
         from .policy import StreamingPolicy
 
-        model.eval()
-        policy = StreamingPolicy(model, target_return)
+        # act with a CPU copy: policies run at batch sizes where the CPU (and its compiled
+        # step) beats a GPU round trip, and the training model keeps its mode and graphs
+        policy = StreamingPolicy(copy.deepcopy(model).to("cpu").eval(), target_return)
         res = evaluate_policy(policy, env_id, config.eval_episodes, seed=config.seed + step,
                               ref_min_score=dataset.ref_min_score, ref_max_score=dataset.ref_max_score)
-        model.train()
         writer.add_scalar("eval/return_mean", res["return_mean"], step)
         writer.add_scalar("eval/return_std", res["return_std"], step)
         writer.add_scalar("eval/episode_length", res["length_mean"], step)
