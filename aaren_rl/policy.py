@@ -51,7 +51,8 @@ class StreamingPolicy:
                  fast: bool | None = None):
         """``fast``: the compiled CPU step for an Aaren backbone in recurrent mode
         (``aaren_rl.kernels.cpu_step``, same actions): None uses it where it applies, True requires
-        it, False never uses it."""
+        it, False never uses it. With it, ``reset``/``predict`` return its preallocated buffers as
+        the state, updated in place by each call."""
         if mode is None:  # Aaren always streams; a Transformer trained on windows recomputes them
             c = model.config
             mode = "recurrent" if (c.backbone == "aaren" or c.context == "episode") else "window"
@@ -128,11 +129,8 @@ class StreamingPolicy:
         With the compiled CPU step the state is a set of preallocated buffers that each call
         updates in place (and returns): the whole step is one C call.
         """
-        if self.fast_step is not None and not isinstance(state, PolicyState):
-            if self.model.config.discrete and not deterministic:
-                raise ValueError("the compiled step acts deterministically; for sampled actions of a "
-                                 "discrete model use StreamingPolicy(..., fast=False)")
-            return self._predict_compiled(observation, state, episode_start, reward)
+        if self.fast_step is not None:
+            return self._predict_compiled(observation, state, episode_start, reward, deterministic)
         obs = self._as_tensor("observation", observation, torch.float32)
         single = obs.dim() == 1
         obs = obs.unsqueeze(0) if single else obs
@@ -176,7 +174,7 @@ class StreamingPolicy:
         state = self.record_action(replace(state, timestep=state.timestep + 1), chosen, model_units=True)
         return (action[0] if single else action), state
 
-    def _predict_compiled(self, observation, state, episode_start, reward):
+    def _predict_compiled(self, observation, state, episode_start, reward, deterministic):
         from .kernels.cpu_step import FastAarenPolicy
 
         D = self.model.config.observation_dim
@@ -208,6 +206,9 @@ class StreamingPolicy:
                 raise ValueError("reward contains NaN or inf")
         self.fast_step.ensure_packed()
         action = state.predict(obs, episode_start, reward).copy()
+        if self.model.config.discrete and not deterministic:  # sample from the logits the step left in .out
+            action = torch.distributions.Categorical(logits=torch.from_numpy(state.out)).sample().numpy()
+            state.record_action(action)
         return (action[0] if single else action), state
 
     def state_nbytes(self, state) -> int:
@@ -233,10 +234,6 @@ class StreamingPolicy:
         return replace(state, prev_action=a)
 
     def _step_recurrent(self, obs: Tensor, state: PolicyState, starts: Tensor):
-        if self.fast_step is not None:  # the same computation as below, as one C call
-            out, backbone = self.fast_step.step_torch(obs, state.prev_action, state.returns_to_go, state.timestep,
-                                                      starts, state.backbone)
-            return out, replace(state, backbone=backbone)
         m, t = self.model, state.timestep
         tokens = torch.stack([
             m.embed(A, state.prev_action, (t - 1).clamp(min=0)),
