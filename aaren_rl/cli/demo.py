@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -97,8 +98,6 @@ def run(args: argparse.Namespace) -> int:
               f"{args.updates} updates -> {logdir}")
         t0 = time.perf_counter()
         if logdir.exists():
-            import shutil
-
             shutil.rmtree(logdir)
         train(model_config, train_config, dataset, logdir)
         runs[label] = logdir
@@ -113,15 +112,11 @@ def run(args: argparse.Namespace) -> int:
         results[label].update({k: v for k, v in res.items() if k not in ("returns", "lengths")})
 
     # 4. report
-    rows = [(f"dataset: {t}", load_dataset(env["datasets"][t])) for t in ("random", "medium", "expert", args.tier)]
     lines = ["| | return | normalized score | policy ms/step | train s |", "|---|---|---|---|---|"]
-    seen = set()
-    for name, ds in rows:
-        if name in seen:
-            continue
-        seen.add(name)
+    for tier in dict.fromkeys(tiers):  # each tier once, in order
+        ds = dataset if tier == args.tier else load_dataset(env["datasets"][tier])
         score = ds.normalized_score(ds.return_mean)
-        lines.append(f"| {name} | {ds.return_mean:.1f} ± {ds.return_std:.1f} | {score:.1f} | | |")
+        lines.append(f"| dataset: {tier} | {ds.return_mean:.1f} ± {ds.return_std:.1f} | {score:.1f} | | |")
     for label, r in results.items():
         lines.append(f"| **{label}** ({r['mode']}) | {r['return_mean']:.1f} ± {r['return_std']:.1f} | "
                      f"{r['normalized_score_mean']:.1f} ± {r['normalized_score_std']:.1f} | "
