@@ -11,7 +11,7 @@ import numpy as np
 from .policy import StreamingPolicy
 
 
-def make_vector_env(env_id: str, n_envs: int, seed: int = 0) -> gym.vector.VectorEnv:
+def make_vector_env(env_id: str, n_envs: int) -> gym.vector.VectorEnv:
     """A synchronous vector env (on few cores the subprocesses of an async one cost more than they give).
 
     Same-step autoreset, as Stable-Baselines3: the observation returned with a done is already the
@@ -23,7 +23,6 @@ def make_vector_env(env_id: str, n_envs: int, seed: int = 0) -> gym.vector.Vecto
         raise ValueError(f"unknown gymnasium environment id {env_id!r}: {e}") from None
     envs = gym.make_vec(env_id, num_envs=n_envs, vectorization_mode="sync",
                         vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
-    envs.reset(seed=seed)
     return envs
 
 
@@ -38,7 +37,7 @@ def evaluate_policy(policy: StreamingPolicy, env_id: str, n_episodes: int = 10, 
         raise ValueError(f"n_episodes must be positive, got {n_episodes}")
     n_envs = min(n_episodes, max_envs)
     quota = np.full(n_envs, n_episodes // n_envs) + (np.arange(n_envs) < n_episodes % n_envs)
-    envs = make_vector_env(env_id, n_envs, seed)
+    envs = make_vector_env(env_id, n_envs)
     obs, _ = envs.reset(seed=seed)
     state, starts, reward = None, np.ones(n_envs, bool), np.zeros(n_envs, np.float32)
     ep_return, ep_len = np.zeros(n_envs), np.zeros(n_envs, np.int64)
