@@ -47,11 +47,17 @@ def rel_err(a, b):
 SHAPES = [(1, 1, 1, 4), (2, 1, 7, 8), (2, 3, 64, 16), (1, 2, 100, 24), (3, 1, 70, 32)]  # several blocks of 16
 
 
+# (Dh per program, segments of T): whole, Dh split, T split (the carry-in from earlier
+# segments' totals), both; T = 100 in blocks of 16 and 3 segments leaves a short last one
+SPLITS = [(None, None), (8, None), (None, 3), (8, 2)]
+
+
 @pytest.mark.parametrize("B,H,T,D", SHAPES)
-@pytest.mark.parametrize("block_d", [None, 8])
-def test_forward_equals_plain_scan(B, H, T, D, block_d):
+@pytest.mark.parametrize("block_d,segments", SPLITS)
+def test_forward_equals_plain_scan(B, H, T, D, block_d, segments):
     s, v = inputs(B, H, T, D, seed=T + D)
-    o, r, u = triton_scan.scan_forward(s.float().to(DEVICE), v.float().to(DEVICE), block_t=16, block_d=block_d)
+    o, r, u = triton_scan.scan_forward(s.float().to(DEVICE), v.float().to(DEVICE), block_t=16, block_d=block_d,
+                                       segments=segments)
     assert torch.isfinite(o).all()
     assert rel_err(o, reference(s, v)) < 1e-5
     assert rel_err(r, torch.cummax(s, -1).values) < 1e-6
@@ -83,8 +89,8 @@ def test_padding_matches_plain_scan_and_gives_zero_for_empty_prefix():
 
 
 @pytest.mark.parametrize("B,H,T,D", SHAPES[1:])
-@pytest.mark.parametrize("block_d", [None, 8])
-def test_backward_equals_autograd_of_plain_scan(B, H, T, D, block_d):
+@pytest.mark.parametrize("block_d,segments", SPLITS)
+def test_backward_equals_autograd_of_plain_scan(B, H, T, D, block_d, segments):
     pad = padding_masks(B, T) if B >= 3 else None
     s, v = inputs(B, H, T, D, seed=T * D, pad=pad)
     g = torch.randn(B, H, T, D, dtype=torch.float64)
@@ -93,14 +99,41 @@ def test_backward_equals_autograd_of_plain_scan(B, H, T, D, block_d):
     reference(s64, v64).backward(g)
     # kernel, float32
     sf, vf, gf = (t.float().to(DEVICE) for t in (s, v, g))
-    o, r, u = triton_scan.scan_forward(sf, vf, block_t=16, block_d=block_d)
-    ds, dv = triton_scan.scan_backward(sf, vf, o, r, u, gf, block_t=16, block_d=block_d)
+    o, r, u = triton_scan.scan_forward(sf, vf, block_t=16, block_d=block_d, segments=segments)
+    ds, dv = triton_scan.scan_backward(sf, vf, o, r, u, gf, block_t=16, block_d=block_d, segments=segments)
     assert torch.isfinite(ds).all() and torch.isfinite(dv).all()
     ref_ds = torch.nan_to_num(s64.grad)  # padding: no gradient
     assert rel_err(dv, v64.grad) < 1e-5
     assert rel_err(ds, ref_ds) < 1e-5
     if pad is not None:
         assert (ds.cpu()[pad.unsqueeze(1).expand_as(ds)] == 0).all()
+
+
+@pytest.mark.parametrize("scale", [0.1, 300.0])
+def test_segments_across_padding_and_huge_scores(scale):
+    """T cut into segments of 32 while a row's padding covers the whole first segment and more,
+    and scores far beyond float32's exp range: forward and backward still match."""
+    B, H, T, D = 3, 1, 70, 8
+    pad = padding_masks(B, T)
+    pad[0, :40] = True
+    s, v = inputs(B, H, T, D, seed=5, scale=scale, pad=pad)
+    g = torch.randn(B, H, T, D, dtype=torch.float64)
+    s64, v64 = s.clone().requires_grad_(), v.clone().requires_grad_()
+    ref = reference(s64, v64)
+    ref.backward(g)
+    sf, vf, gf = (t.float().to(DEVICE) for t in (s, v, g))
+    o, r, u = triton_scan.scan_forward(sf, vf, block_t=16, segments=3)
+    ds, dv = triton_scan.scan_backward(sf, vf, o, r, u, gf, block_t=16, segments=3)
+    assert torch.isfinite(o).all() and torch.isfinite(ds).all() and torch.isfinite(dv).all()
+    assert rel_err(o, ref.detach()) < 1e-5
+    assert rel_err(dv, v64.grad) < 1e-5
+    assert rel_err(ds, torch.nan_to_num(s64.grad)) < 1e-5
+
+
+def test_unknown_kernel_setting_is_named():
+    s, v = inputs(1, 1, 8, 4, seed=0)
+    with pytest.raises(ValueError, match="block_size"):
+        triton_scan.scan_forward(s.float().to(DEVICE), v.float().to(DEVICE), block_size=16)
 
 
 def test_autograd_function_gradcheck_in_float32():
@@ -112,6 +145,40 @@ def test_autograd_function_gradcheck_in_float32():
     s64, v64 = s.clone().requires_grad_(), v.clone().requires_grad_()
     reference(s64, v64).backward(g.double().cpu())
     assert rel_err(sf.grad, s64.grad) < 1e-5 and rel_err(vf.grad, v64.grad) < 1e-5
+
+
+@pytest.mark.parametrize("with_pad", [False, True])
+def test_packed_scan_equals_plain_scan_and_writes_one_gradient(with_pad):
+    """sv = (values | one score per head | padding columns): outputs and d(sv) match autograd
+    of the plain scan, and the padding columns get a zero gradient."""
+    B, T, H, D = 3, 70, 2, 8
+    F = H * D + H + 6
+    g = torch.Generator().manual_seed(11)
+    sv = torch.randn(B, T, F, generator=g, dtype=torch.float64)
+    sv[..., H * D:] *= 3
+    pad = padding_masks(B, T) if with_pad else None
+    grad_o = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    # reference: float64 autograd through the plain scan of the two views
+    ref_sv = sv.clone().requires_grad_()
+    s, v = triton_scan._split_packed(ref_sv, H, D)
+    if pad is not None:
+        s = s.masked_fill(pad.unsqueeze(1), NEG_INF)
+    ref_o = reference(s, v)
+    ref_o.backward(grad_o)
+    # the packed kernel, float32
+    svf = sv.float().to(DEVICE).requires_grad_()
+    o = kernels.aaren_scan_packed(svf, H, D, None if pad is None else pad.to(DEVICE))
+    o.backward(grad_o.float().to(DEVICE))
+    assert rel_err(o, ref_o.detach()) < 1e-5
+    assert rel_err(svf.grad, torch.nan_to_num(ref_sv.grad)) < 1e-5
+    assert (svf.grad[..., H * D + H:] == 0).all()
+    if pad is not None:  # a padded token's score and value get no gradient
+        assert (svf.grad.cpu()[pad] == 0).all()
+
+
+def test_packed_scan_rejects_a_bad_width():
+    with pytest.raises(ValueError, match="H \\* \\(Dh \\+ 1\\)"):
+        kernels.aaren_scan_packed(torch.zeros(2, 5, 9, device=DEVICE), 2, 4)
 
 
 def test_plain_scan_on_cpu_tensors():

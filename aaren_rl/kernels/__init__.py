@@ -48,4 +48,11 @@ def aaren_scan(s, v):
     return _scan(s, v)
 
 
-__all__ = ["aaren_scan", "triton_available", "use_fused_scan", "use_triton"]
+def aaren_scan_packed(sv, num_heads, head_dim, padding_mask=None):
+    """The same scan over a packed projection sv (B, T, F): values, one score per head, padding."""
+    from .triton_scan import aaren_scan_packed as _scan
+
+    return _scan(sv, num_heads, head_dim, padding_mask)
+
+
+__all__ = ["aaren_scan", "aaren_scan_packed", "triton_available", "use_fused_scan", "use_triton"]
