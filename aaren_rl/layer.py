@@ -207,14 +207,41 @@ class Aaren(nn.Module):
         self.kv = nn.Linear(embed_dim, 2 * embed_dim, bias=bias)
         self.out = nn.Linear(embed_dim, embed_dim, bias=bias)
 
+    def _score_value_projection(self) -> tuple[Tensor, Tensor | None]:
+        """One (E + H, E) projection giving the values and, in its last H rows, the scores.
+
+        A key meets nothing but its head's query, so the key projection and the query fold into
+        one row per head: s = q . (W_k x + b_k) / sqrt(d) = (W_k^T q / sqrt(d)) . x + b_k . q / sqrt(d).
+        The parameters stay ``kv`` and ``query`` (the paper's, and the checkpoints'); what is
+        computed per token is the values and H numbers instead of keys and a dot product.
+        """
+        E, H, Dh = self.embed_dim, self.num_heads, self.head_dim
+        q = self.query / math.sqrt(Dh)  # (H, Dh)
+        w_k, w_v = self.kv.weight.split(E)  # (E, E) each
+        w_s = (q.unsqueeze(-1) * w_k.view(H, Dh, E)).sum(1)  # (H, E); elementwise, so float32 under autocast
+        # zero rows up to a multiple of 8 outputs: rows of 16-byte multiples keep the matrix
+        # products on their fast (aligned) kernels; an odd width like 129 falls back to slow ones
+        pad = self.kv.weight.new_zeros(-(E + H) % 8, E)
+        weight = torch.cat([w_v, w_s, pad])
+        if self.kv.bias is None:
+            return weight, None
+        b_k, b_v = self.kv.bias.split(E)
+        return weight, torch.cat([b_v, (b_k.view(H, Dh) * q).sum(-1), pad[:, 0]])
+
+    def _project(self, x: Tensor) -> Tensor:
+        """x (B, T, E) -> sv (B, T, E + H + pad): the values, one score per head, zeros."""
+        return F.linear(x, *self._score_value_projection())
+
+    def _split(self, sv: Tensor):
+        """sv (B, T, E + H + pad) -> scores (B, H, T) and values (B, H, T, Dh), both views."""
+        B, T, _ = sv.shape
+        E, H = self.embed_dim, self.num_heads
+        v = sv[..., :E].view(B, T, H, self.head_dim).transpose(1, 2)
+        return sv[..., E:E + H].transpose(1, 2), v
+
     def _tokens(self, x: Tensor):
         """Per-head token triples of x (batch, seq, E): scores (B, H, T) and values (B, H, T, Dh)."""
-        B, T, _ = x.shape
-        k, v = self.kv(x).split(self.embed_dim, dim=-1)
-        k = k.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        s = (k * self.query.unsqueeze(1)).sum(-1) / math.sqrt(self.head_dim)  # (B, H, T)
-        return s, v
+        return self._split(self._project(x))
 
     def _output(self, u: Tensor, w: Tensor) -> Tensor:
         B, H, T, Dh = w.shape
@@ -225,12 +252,12 @@ class Aaren(nn.Module):
         """x (batch, seq, embed_dim) -> y of the same shape; padding (True) contributes nothing."""
         check_tokens("x", x, self.embed_dim)
         padding_mask = check_padding_mask(padding_mask, x)
-        s, v = self._tokens(x)
+        sv = self._project(x)
         if kernels.use_fused_scan(x):  # CUDA with Triton: the same outputs from one fused kernel
-            if padding_mask is not None:
-                s = s.masked_fill(padding_mask.unsqueeze(1), NEG_INF)
-            y = self.out(kernels.aaren_scan(s, v).transpose(1, 2).flatten(2))  # (B, T, E), no copy
+            o = kernels.aaren_scan_packed(sv, self.num_heads, self.head_dim, padding_mask)  # (B, H, T, Dh)
+            y = self.out(o.transpose(1, 2).flatten(2))  # (B, T, E), no copy
             return y if padding_mask is None else y.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        s, v = self._split(sv)
         u = torch.ones_like(s)
         if padding_mask is not None:
             pad = padding_mask.unsqueeze(1)  # (B, 1, T)

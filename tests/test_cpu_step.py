@@ -71,8 +71,9 @@ def test_fast_policy_equals_reference_with_episode_starts(config, n_envs, discre
         if discrete:
             assert (a_fast == a_ref).all() and (a_lean == a_ref).all()
         else:
-            assert np.abs(a_fast - a_ref).max() <= 1e-5
-            assert np.abs(a_lean - a_ref).max() <= 1e-5
+            tol = 1e-5 * max(1.0, float(np.abs(a_ref).max()))  # float32, relative to the actions' scale
+            assert np.abs(a_fast - a_ref).max() <= tol
+            assert np.abs(a_lean - a_ref).max() <= tol
         if override[t]:
             s_ref = ref.record_action(s_ref, taken[t])
             s_fast = fast.record_action(s_fast, taken[t])

@@ -52,6 +52,21 @@ def test_forward_equals_naive_softmax(dtype, B, T, E, H):
         assert max_err(layer(x), naive(layer, x)) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_folded_score_projection_has_the_gradients_of_keys_and_query(bias):
+    """The layer folds the key projection into the query (one score row per head): the
+    parameters' gradients are those of computing keys and dot products explicitly."""
+    layer = make(12, 3, torch.float64, seed=5, bias=bias)
+    x = torch.randn(2, 9, 12, dtype=torch.float64)
+    grads = []
+    for fn in (layer, lambda x: naive(layer, x)):
+        layer.zero_grad()
+        fn(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(*grads):
+        assert max_err(a, b) < 1e-10
+
+
 @pytest.mark.parametrize("chunk", [2, 3, 5])
 def test_recursive_scan_levels_agree(chunk):
     # a tiny chunk forces several levels of the recursive scan over chunk totals

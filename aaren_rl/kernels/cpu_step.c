@@ -5,7 +5,8 @@
  *
  *   tokens (a_{t-1}, R_t, s_t) per environment, each plus its timestep's embedding
  *   -> embed_ln
- *   -> per layer: ln_1 -> k, v -> score with the learned query -> fold into the (m, u, w) state
+ *   -> per layer: ln_1 -> values and scores (one product: the key projection folded into the
+ *      learned query, as in layer.py) -> fold into the (m, u, w) state
  *      (the a-token at an episode start is padding and folds nothing) -> readout w / u -> out
  *      projection -> residual -> ln_2 -> MLP (fc, exact-erf GELU, proj) -> residual
  *   -> ln_f at the s_t token -> action head (tanh, or logits when discrete).
@@ -66,7 +67,7 @@ enum {
     O_LNF_W, O_LNF_B, O_HEAD_W, O_HEAD_B, O_OBS_MEAN, O_OBS_STD, O_ACT_LOW, O_ACT_HIGH, O_RET_SCALE,
     O_LAYER0, O_LAYER_STRIDE,
     /* per layer, relative to the layer's start */
-    L_LN1_W, L_LN1_B, L_QUERY, L_KV_W, L_KV_B, L_OUT_W, L_OUT_B, L_LN2_W, L_LN2_B,
+    L_LN1_W, L_LN1_B, L_SV_W, L_SV_B, L_OUT_W, L_OUT_B, L_LN2_W, L_LN2_B,
     L_FC_W, L_FC_B, L_PROJ_W, L_PROJ_B,
     META_LEN
 };
@@ -308,7 +309,7 @@ static inline int64_t up16(int64_t x) { return (x + 15) & ~(int64_t)15; }
 int64_t aaren_scratch_floats(const int64_t *meta, int64_t n)
 {
     const int64_t E = meta[D_E], M = 3 * n;
-    /* x, h, o: M x E each; kv: M x 2E; f: M x 4E; xs: n x E; head: n x APAD; obs: n x OBS */
+    /* x, h, o: M x E each; sv: M x 2E (>= its SV columns); f: M x 4E; xs: n x E; head: n x APAD; obs: n x OBS */
     return up16(M * E) * 3 + up16(M * 2 * E) + up16(M * 4 * E) + up16(n * E) + up16(n * meta[D_APAD]) +
            up16(n * meta[D_OBS]) + up16(M * 4 * E) + 64; /* last: bf16 copies of a product's input */
 }
@@ -327,7 +328,8 @@ int aaren_step(const io_t *io)
     float *x = sc;                      sc += up16(M * E);     /* residual stream, rows 3b + {a, R, s} */
     float *h = sc;                      sc += up16(M * E);     /* normed rows */
     float *o = sc;                      sc += up16(M * E);     /* attention readouts */
-    float *kv = sc;                     sc += up16(M * 2 * E); /* keys | values */
+    float *sv = sc;                     sc += up16(M * 2 * E); /* values | scores | zeros */
+    const int64_t SV = up16(E + H);     /* its columns (E is a multiple of 16 and H <= E) */
     float *f = sc;                      sc += up16(M * 4 * E); /* MLP hidden */
     float *xs = sc;                     sc += up16(n * E);     /* last layer: the s_t rows only */
     float *head = sc;                   sc += up16(n * APAD);
@@ -379,24 +381,19 @@ int aaren_step(const io_t *io)
             }
         }
 
-    const float inv_sqrt_dh = 1.f / sqrtf((float)Dh);
     for (int64_t l = 0; l < L; l++) {
         const float *lp = P + mt[O_LAYER0] + l * mt[O_LAYER_STRIDE];
         const int last = l == L - 1;
         layer_norm(x, E, M, E, lp + mt[L_LN1_W], lp + mt[L_LN1_B], h, E);
-        layer_linear(bf16, xb, h, E, M, E, lp + mt[L_KV_W], lp + mt[L_KV_B], 2 * E, kv, 2 * E, 0);
-        const float *q = lp + mt[L_QUERY];
+        layer_linear(bf16, xb, h, E, M, E, lp + mt[L_SV_W], lp + mt[L_SV_B], SV, sv, SV, 0);
         for (int64_t b = 0; b < n; b++)
             for (int64_t hd = 0; hd < H; hd++) {
                 const int64_t s_ix = (l * n + b) * H + hd;
                 float *m = io->m + s_ix, *u = io->u + s_ix, *w = io->w + s_ix * Dh;
                 for (int64_t i = 0; i < 3; i++) {
-                    const float *k = kv + (3 * b + i) * 2 * E + hd * Dh, *v = k + E;
-                    if (!(i == 0 && io->start[b])) { /* the a-token at t = 0 is padding */
-                        float s = 0.f;
-                        for (int64_t d = 0; d < Dh; d++) s += k[d] * q[hd * Dh + d];
-                        fold(m, u, w, s * inv_sqrt_dh, v, Dh);
-                    }
+                    const float *row = sv + (3 * b + i) * SV;
+                    if (!(i == 0 && io->start[b])) /* the a-token at t = 0 is padding */
+                        fold(m, u, w, row[E + hd], row + hd * Dh, Dh);
                     if (last && i != 2) continue; /* only s_t's output is used after the last fold */
                     float *od = (last ? o + b * E : o + (3 * b + i) * E) + hd * Dh;
                     if (*u == 0.f) memset(od, 0, sizeof(float) * Dh);

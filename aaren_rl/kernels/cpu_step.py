@@ -50,7 +50,7 @@ CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-std=
 DIMS = ["E", "H", "L", "OBS", "ACT", "DISCRETE", "TMAX", "APAD", "BF16"]
 GLOBAL = ["temb", "ret_w", "ret_b", "state_w", "state_b", "act_w", "act_b", "eln_w", "eln_b",
           "lnf_w", "lnf_b", "head_w", "head_b", "obs_mean", "obs_std", "act_low", "act_high", "ret_scale"]
-LAYER = ["ln1_w", "ln1_b", "query", "kv_w", "kv_b", "out_w", "out_b", "ln2_w", "ln2_b",
+LAYER = ["ln1_w", "ln1_b", "sv_w", "sv_b", "out_w", "out_b", "ln2_w", "ln2_b",
          "fc_w", "fc_b", "proj_w", "proj_b"]
 META_LEN = len(DIMS) + len(GLOBAL) + 2 + len(LAYER)
 ALIGN = 16  # floats: every tensor starts on a 64-byte boundary
@@ -186,7 +186,7 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-PANELED = ("state_w", "act_w", "head_w", "kv_w", "out_w", "fc_w", "proj_w")
+PANELED = ("state_w", "act_w", "head_w", "sv_w", "out_w", "fc_w", "proj_w")
 
 
 def _panels(wt: np.ndarray, width: int = 64) -> np.ndarray:
@@ -194,7 +194,7 @@ def _panels(wt: np.ndarray, width: int = 64) -> np.ndarray:
     return np.concatenate([wt[:, j:j + width].reshape(-1) for j in range(0, wt.shape[1], width)])
 
 
-BF16_MATRICES = ("kv_w", "out_w", "fc_w", "proj_w")  # the layers' products; embeddings and head stay float32
+BF16_MATRICES = ("sv_w", "out_w", "fc_w", "proj_w")  # the layers' products; embeddings and head stay float32
 
 
 def _bf16_panels(wt: np.ndarray, width: int = 64) -> np.ndarray:
@@ -243,12 +243,21 @@ def pack(model, panel_width: int = 64, bf16: bool = False) -> tuple[np.ndarray, 
     def bias(linear, n):
         return zeros(n, np.float32) if linear.bias is None else _np(linear.bias)
 
+    def _score_value(mix):
+        """The layer's values-and-scores product (``Aaren._score_value_projection``), (E, SV)
+        with SV = E + H rounded up to 16 columns, as the C step reads it."""
+        with torch.no_grad():
+            w, b = mix._score_value_projection()
+        sv = -(-(E + mix.num_heads) // 16) * 16
+        b = torch.zeros(w.shape[0]) if b is None else b
+        return {"sv_w": pad_cols(_np(w).T, sv), "sv_b": pad_cols(_np(b)[None], sv)[0]}
+
     layers = []
     for block in model.backbone.blocks:
         mix, mlp = block.mixer, block.mlp
         layers.append({
-            "ln1_w": _np(block.ln_1.weight), "ln1_b": _np(block.ln_1.bias), "query": _np(mix.query).reshape(-1),
-            "kv_w": _np(mix.kv.weight).T, "kv_b": bias(mix.kv, 2 * E),
+            "ln1_w": _np(block.ln_1.weight), "ln1_b": _np(block.ln_1.bias),
+            **_score_value(mix),
             "out_w": _np(mix.out.weight).T, "out_b": bias(mix.out, E),
             "ln2_w": _np(block.ln_2.weight), "ln2_b": _np(block.ln_2.bias),
             "fc_w": _np(mlp.fc.weight).T, "fc_b": _np(mlp.fc.bias),
