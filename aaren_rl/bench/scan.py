@@ -8,32 +8,38 @@ Bytes counted are those the implementation must move at least once:
 * backward: read s, v, o, g, r, u; write dv and ds (the shares of ds per Dh block, summed after
   the kernel, are left out: 4 bytes per token and Dh block).
 
-``--tune`` also tries kernel settings and uses the fastest (the kernel's
+The kernel is timed as replays of a CUDA graph (``graphed_ms``): device time, as in training,
+where the step runs as a graph too. ``--tune`` also tries kernel settings and uses the fastest (the kernel's
 defaults in ``kernels/triton_scan.py`` come from such a run).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 
 import torch
 
 from . import common
 
-SHAPES = [  # (B, H, T, Dh): the layer bench's shapes at 3000 tokens, and a large one for bandwidth
-    (64, 1, 3000, 128),
-    (64, 1, 12000, 128),
-    (512, 1, 4096, 128),
+SHAPES = [  # (B, H, T, Dh, dtype): the layer bench's shapes at 3000 tokens (float32, and bf16 as
+    # GPU training runs it), a longer one, and a large one for bandwidth
+    (64, 1, 3000, 128, "float32"),
+    (64, 1, 3000, 128, "bfloat16"),
+    (64, 1, 12000, 128, "float32"),
+    (512, 1, 4096, 128, "float32"),
 ]
+TUNE_SHAPES = [SHAPES[1], SHAPES[3]]  # the model's shape as trained, and the bandwidth one
 
 
-def _inputs(B, H, T, D, device, n_sets):
+def _inputs(B, H, T, D, device, n_sets, dtype="float32"):
     # several input sets, rotated, so that repeated calls do not run out of the L2 cache
     gen = torch.Generator(device=device).manual_seed(0)
-    return [(torch.randn(B, H, T, generator=gen, device=device) * 3,
-             torch.randn(B, H, T, D, generator=gen, device=device),
-             torch.randn(B, H, T, D, generator=gen, device=device)) for _ in range(n_sets)]
+    dt = getattr(torch, dtype)
+    return [((torch.randn(B, H, T, generator=gen, device=device) * 3).to(dt),
+             torch.randn(B, H, T, D, generator=gen, device=device).to(dt),
+             torch.randn(B, H, T, D, generator=gen, device=device).to(dt)) for _ in range(n_sets)]
 
 
 def _plain(s, v):
@@ -71,31 +77,43 @@ def copy_bandwidth(device: str, gib: float = 2.0) -> float:
     return 2 * x.numel() * 4 / (ms / 1e3) / 1e9
 
 
-def measure(B, H, T, D, device, fwd_cfg=None, bwd_cfg=None, plain=True, repeats=20):
+def graphed_ms(calls, repeats: int) -> list[float]:
+    """Device ms per call of ``calls`` (one per input set), run back to back as one CUDA graph:
+    kernel time without the host's launch gaps, which at the model's shape (~0.2 ms) would
+    otherwise be a large part of what CUDA events measure around a single call."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    times = common.time_ms(graph.replay, "cuda", 3, repeats)
+    del graph
+    return [t / len(calls) for t in times]
+
+
+def measure(B, H, T, D, dtype, device, fwd_cfg=None, bwd_cfg=None, plain=True, repeats=20):
     from ..kernels import triton_scan as ts
 
     n_sets = 1 if B * H * T * D * 4 > 2**30 else 3
-    sets = _inputs(B, H, T, D, device, n_sets)
-    it = itertools.cycle(range(n_sets))
+    sets = _inputs(B, H, T, D, device, n_sets, dtype)
+    size = sets[0][1].element_size()
     fwd_cfg, bwd_cfg = fwd_cfg or ts.DEFAULTS["fwd"], bwd_cfg or ts.DEFAULTS["bwd"]
     saved = [ts.scan_forward(s, v, **fwd_cfg) for s, v, _ in sets]
-
-    def fwd():
-        s, v, _ = sets[next(it)]
-        ts.scan_forward(s, v, **fwd_cfg)
-
-    def bwd():
-        i = next(it)
-        s, v, g = sets[i]
-        ts.scan_backward(s, v, *saved[i], g, **bwd_cfg)
+    fwd = [functools.partial(ts.scan_forward, s, v, **fwd_cfg) for s, v, _ in sets]
+    bwd = [functools.partial(ts.scan_backward, s, v, *saved[i], g, **bwd_cfg) for i, (s, v, g) in enumerate(sets)]
 
     n = B * H * T
-    tensor_bytes = n * D * 4
-    row = dict(B=B, H=H, T=T, Dh=D, fwd_cfg=fwd_cfg, bwd_cfg=bwd_cfg)
-    row["triton_fwd_ms"] = common.median(common.time_ms(fwd, device, 3, repeats))
-    row["triton_bwd_ms"] = common.median(common.time_ms(bwd, device, 3, repeats))
-    row["fwd_bytes"] = 2 * tensor_bytes + 3 * n * 4  # v, o; s, r, u
-    row["bwd_bytes"] = 4 * tensor_bytes + 4 * n * 4  # g, o, v, dv; s, r, u, ds
+    tensor_bytes = n * D * size
+    row = dict(B=B, H=H, T=T, Dh=D, dtype=dtype, fwd_cfg=fwd_cfg, bwd_cfg=bwd_cfg)
+    row["triton_fwd_ms"] = common.median(graphed_ms(fwd, repeats))
+    row["triton_bwd_ms"] = common.median(graphed_ms(bwd, repeats))
+    row["fwd_bytes"] = 2 * tensor_bytes + n * (size + 8)  # v, o; s; r, u (float32)
+    row["bwd_bytes"] = 4 * tensor_bytes + n * (2 * size + 8)  # g, o, v, dv; s, ds; r, u
     row["triton_fwd_GBps"] = row["fwd_bytes"] / (row["triton_fwd_ms"] / 1e3) / 1e9
     row["triton_bwd_GBps"] = row["bwd_bytes"] / (row["triton_bwd_ms"] / 1e3) / 1e9
     if plain:
@@ -116,9 +134,9 @@ def measure(B, H, T, D, device, fwd_cfg=None, bwd_cfg=None, plain=True, repeats=
 
 
 def tune(shapes, device) -> dict:
-    """Fastest kernel settings: programs per multiprocessor (how finely Dh is split) judged over
-    all ``shapes`` (sum of times relative to each shape's best), then tokens per block and warps
-    at the first shape."""
+    """Fastest kernel settings judged over all ``shapes`` (sum of times relative to each shape's
+    best): first programs per multiprocessor with the Dh block (together they set how finely Dh
+    and then T are split), then tokens per block and warps."""
     from ..kernels import triton_scan as ts
 
     best = {}
@@ -132,22 +150,24 @@ def tune(shapes, device) -> dict:
                 print(f"  {direction} {cfg}: {type(e).__name__}: {str(e)[:100]}")
                 return float("inf")
 
+        def pick(trials: dict, label: str) -> dict:
+            floor = [min(col) for col in zip(*(t for _, t in trials.values()))]
+            score = {k: sum(t / f for t, f in zip(times, floor)) for k, (_, times) in trials.items()}
+            for k in sorted(score, key=score.get)[:4]:
+                print(f"  {direction} {label} = {k}: " + ", ".join(f"{t:.3f}" for t in trials[k][1]) + " ms")
+            return trials[min(score, key=score.get)][0]
+
         base = dict(ts.DEFAULTS[direction])
-        table = {pps: [time_cfg(shape, dict(base, programs_per_sm=pps)) for shape in shapes] for pps in (2, 4, 8, 16)}
-        floor = [min(col) for col in zip(*table.values())]
-        score = {pps: sum(t / f for t, f in zip(ts_, floor)) for pps, ts_ in table.items()}
-        for pps, ts_ in table.items():
-            print(f"  {direction} programs_per_sm={pps}: " + ", ".join(f"{t:.3f}" for t in ts_) + " ms")
-        base["programs_per_sm"] = min(score, key=score.get)
+        trials = {}
+        for pps, block_d in itertools.product((2, 4, 8, 16, 32), (None, 32, 64)):
+            cfg = dict(base, programs_per_sm=pps, block_d=block_d)
+            trials[pps, block_d] = (cfg, [time_cfg(shape, cfg) for shape in shapes])
+        base = pick(trials, "programs_per_sm, block_d")
         trials = {}
         for block_t, warps in [(32, 2), (32, 4), (64, 2), (64, 4), (128, 2), (128, 4), (128, 8)]:
             cfg = dict(base, block_t=block_t, num_warps=warps)
             trials[block_t, warps] = (cfg, [time_cfg(shape, cfg) for shape in shapes])
-        floor = [min(col) for col in zip(*(t for _, t in trials.values()))]
-        score = {key: sum(t / f for t, f in zip(times, floor)) for key, (_, times) in trials.items()}
-        for key in sorted(score, key=score.get)[:4]:
-            print(f"  {direction} block_t, warps = {key}: " + ", ".join(f"{t:.3f}" for t in trials[key][1]) + " ms")
-        best[direction] = trials[min(score, key=score.get)][0]
+        best[direction] = pick(trials, "block_t, warps")
     return best
 
 
@@ -167,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     overhead = launch_overhead_us(device)
     tuned = None
     if args.tune:
-        tuned = tune([SHAPES[0], SHAPES[2]], device)
+        tuned = tune(TUNE_SHAPES, device)
         ts.DEFAULTS.update(tuned)
         print(f"tuned: {tuned}")
     rows = [measure(*shape, device) for shape in SHAPES]
@@ -176,10 +196,10 @@ def run(args: argparse.Namespace) -> int:
                                          launch_overhead_us=overhead, rows=rows))
     print(f"\n{info['gpu']}: device copy {copy:.0f} GB/s (read + write); host time per call "
           f"fwd {overhead['fwd']:.0f} µs, bwd {overhead['bwd']:.0f} µs; kernel settings {ts.DEFAULTS}\n")
-    print("| B, H, T, Dh | triton fwd ms | GB/s | % copy | triton bwd ms | GB/s | % copy | plain fwd ms | plain fwd+bwd ms |")
+    print("| B, H, T, Dh, dtype | triton fwd ms | GB/s | % copy | triton bwd ms | GB/s | % copy | plain fwd ms | plain fwd+bwd ms |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['B']}, {r['H']}, {r['T']}, {r['Dh']} | {r['triton_fwd_ms']:.3f} | {r['triton_fwd_GBps']:.0f} | "
+        print(f"| {r['B']}, {r['H']}, {r['T']}, {r['Dh']}, {r['dtype']} | {r['triton_fwd_ms']:.3f} | {r['triton_fwd_GBps']:.0f} | "
               f"{100 * r['triton_fwd_GBps'] / copy:.0f}% | {r['triton_bwd_ms']:.3f} | {r['triton_bwd_GBps']:.0f} | "
               f"{100 * r['triton_bwd_GBps'] / copy:.0f}% | {common.fmt(r.get('plain_fwd_ms'), nd=3)} | "
               f"{common.fmt(r.get('plain_fwd_bwd_ms'), nd=3)} |")

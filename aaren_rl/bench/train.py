@@ -188,6 +188,7 @@ def measure_stack(kind: str, seq_len: int, batch: int, graphed: bool, amp: bool,
         y.backward(grad_y)
 
     with _scan_backend("triton" if kind == "aaren" else "sdpa"):
+        fwd_bwd()  # first call: kernels compiled, library workspaces allocated; not counted
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
