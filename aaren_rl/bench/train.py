@@ -17,6 +17,9 @@ stack's time at 60 tokens. Two measurements:
 * **stack**: ``Backbone`` fwd+bwd (as ``bench layer``: dropout 0, random input and output
   gradient) at 60 and 3000 tokens, eager and replayed from a CUDA graph, in float32 and in bf16
   autocast; median of CUDA-event timings.
+* **profile** (``--profile-lengths``): the compiled bf16 stacks' kernel times from
+  ``torch.profiler``, grouped into the mixer, matrix products and the rest: what a faster mixer
+  can and cannot change.
 """
 
 from __future__ import annotations
@@ -215,6 +218,56 @@ def measure_stack(kind: str, seq_len: int, batch: int, graphed: bool, amp: bool,
     return res
 
 
+def _kernel_group(name: str) -> str:
+    n = name.lower()
+    if "_scan_" in n or "_totals_kernel" in n:
+        return "mixer"
+    if "flash" in n or "fmha" in n or "attention" in n:
+        return "mixer"
+    if any(k in n for k in ("gemm", "nvjet", "cutlass", "sm90_xmma", "gemv", "splitkreduce")):
+        return "matrix products"
+    return "rest"
+
+
+def profile_stack(kind: str, seq_len: int, batch: int = 64, calls: int = 5) -> dict:
+    """Kernel time (ms per fwd+bwd, from ``torch.profiler``) of the compiled bf16 stack, grouped
+    into the mixer (Aaren's scan kernels / attention), matrix products and the rest (Inductor's
+    fused elementwise kernels: norms, GELU, residuals, casts; Aaren's ds share sum is one of them),
+    with the ten largest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    module = Backbone(kind, dropout=0.0, **DT_DEFAULTS).to("cuda")
+    model = torch.compile(module, dynamic=False)
+    x = torch.randn(batch, seq_len, DT_DEFAULTS["embed_dim"], device="cuda")
+    grad_y = torch.randn_like(x)
+
+    def fwd_bwd():
+        module.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            y = model(x)
+        y.backward(grad_y)
+
+    with _scan_backend("triton" if kind == "aaren" else "sdpa"):
+        for _ in range(3):
+            fwd_bwd()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fwd_bwd()
+            torch.cuda.synchronize()
+    groups, kernels = {"mixer": 0.0, "matrix products": 0.0, "rest": 0.0}, {}
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", 0) or 0
+        if us and e.device_type == torch.autograd.DeviceType.CUDA:
+            ms = us / calls / 1e3
+            groups[_kernel_group(e.key)] += ms
+            kernels[e.key[:100]] = kernels.get(e.key[:100], 0.0) + ms
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:10])
+    return dict(kind=kind, seq_len=seq_len, batch=batch, dtype="bf16 autocast", launch="torch.compile",
+                total_ms=sum(groups.values()), groups=groups, top_kernels=top)
+
+
 # ----------------------------------------------------------------------------------------------
 # tables
 
@@ -264,6 +317,16 @@ def table_stack(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def table_profile(rows: list[dict]) -> str:
+    lines = ["| tokens | stack | mixer ms | matrix products ms | rest ms | total kernel ms |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        g = r["groups"]
+        lines.append(f"| {r['seq_len']} | {r['kind']} | {g['mixer']:.3f} | {g['matrix products']:.3f} | "
+                     f"{g['rest']:.3f} | {r['total_ms']:.3f} |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # the command
 
@@ -289,6 +352,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    choices=["eager", "cudagraph", "torch.compile+cudagraph"])
     p.add_argument("--stack-dtypes", nargs="*", default=["float32", "bf16"], choices=["float32", "bf16"])
     p.add_argument("--fp32-graph", action="store_true", help="also time the CUDA-graph update in float32")
+    p.add_argument("--profile-lengths", type=int, nargs="*", default=[],
+                   help="also profile the compiled bf16 stacks' kernels at these token counts "
+                        "(time by group: mixer, matrix products, the rest)")
     p.add_argument("--budget-s", type=float, default=None, help="skip what is left after this many seconds")
     p.add_argument("--json", default=None, help="result file (default: benchmarks/results/train_DEVICE_MACHINE.json)")
 
@@ -303,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
     path = args.json or common.RESULTS_DIR / f"train_{device.type}_{common.machine_slug(info)}.json"
     t_start = time.perf_counter()
     dataset = synthetic_dataset(args.episodes, args.episode_len).to(device)
-    updates, stack = [], []
+    updates, stack, profiles = [], [], []
 
     def out_of_time() -> bool:
         return args.budget_s is not None and time.perf_counter() - t_start > args.budget_s
@@ -315,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
             method=("updates/s: median over rounds of N updates, one sync per round (a log line); first "
                     "losses read one per update and compared with mode 'none'. stack: median of CUDA-event "
                     "times of one fwd+bwd; peak memory: max_memory_allocated minus allocated before"),
-            target_updates_per_s=TARGET_UPDATES_PER_S, updates=updates, stack=stack))
+            target_updates_per_s=TARGET_UPDATES_PER_S, updates=updates, stack=stack, profile=profiles))
 
     def one_update(agent, mode, amp=True):
         if out_of_time():
@@ -371,12 +437,22 @@ def run(args: argparse.Namespace) -> int:
     for mode in rest:
         for agent in args.compile_agents or []:
             one_update(agent, mode)
+    if device.type == "cuda":
+        for T in args.profile_lengths:
+            for kind in ("aaren", "transformer"):
+                if not out_of_time():
+                    profiles.append(profile_stack(kind, T))
+                    print(f"  profile {kind:11s} T={T:5d}: {profiles[-1]['total_ms']:.3f} kernel ms", flush=True)
+                    save()
     save()
     print(f"\n{info.get('gpu') or info['cpu']} ({device.type}), torch {info['torch']}, triton {info.get('triton')}\n")
     print(table_updates(updates))
     if stack:
         print()
         print(table_stack(stack))
+    if profiles:
+        print()
+        print(table_profile(profiles))
     print(f"\nwrote {path}")
     return 0
 
