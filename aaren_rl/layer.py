@@ -208,7 +208,8 @@ class Aaren(nn.Module):
         self.out = nn.Linear(embed_dim, embed_dim, bias=bias)
 
     def _score_value_projection(self) -> tuple[Tensor, Tensor | None]:
-        """One (E + H, E) projection giving the values and, in its last H rows, the scores.
+        """One (E + H + zeros, E) projection: E rows for the values, H rows for the scores, then
+        zero rows up to a multiple of 8.
 
         A key meets nothing but its head's query, so the key projection and the query fold into
         one row per head: s = q . (W_k x + b_k) / sqrt(d) = (W_k^T q / sqrt(d)) . x + b_k . q / sqrt(d).

@@ -76,6 +76,30 @@ def _linear_combine(a1, x1, a2, x2):
 
 
 @triton.jit
+def _program(T, H, D, seg_len, FIRST_SEG: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The work this program owns: its (batch, head) row pid_bh = b * H + h, its block of Dh
+    (pid_d, offsets, mask) and its segment of T, [t0, t_end) (segment numbers from FIRST_SEG)."""
+    pid_bh = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    seg = tl.program_id(2) + FIRST_SEG
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    t0 = seg * seg_len
+    return pid_bh, pid_bh // H, pid_bh % H, pid_d, offs_d, offs_d < D, seg, t0, tl.minimum(t0 + seg_len, T)
+
+
+@triton.jit
+def _neg_inf_scalar(BLOCK_T: tl.constexpr):
+    """-inf as a float32 scalar tensor that a loop can carry (the empty triple's m)."""
+    return tl.max(tl.full([BLOCK_T], float("-inf"), tl.float32), axis=0)
+
+
+@triton.jit
+def _zero_scalar(BLOCK_T: tl.constexpr):
+    """0 as a float32 scalar tensor that a loop can carry (the empty triple's u, a C share)."""
+    return tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
+
+
+@triton.jit
 def _fwd_totals_kernel(
     S, V, TM, TU, TW,
     T, H, D, n_seg, seg_len,
@@ -84,21 +108,13 @@ def _fwd_totals_kernel(
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The triple (m, u, w) of each segment of seg_len tokens but the last (no scan: a reduction)."""
-    pid_bh = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    seg = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
+    pid_bh, b, h, pid_d, offs_d, mask_d, seg, t0, t_end = _program(T, H, D, seg_len, 0, BLOCK_D)
     S += b * s_sb + h * s_sh
     V += b * v_sb + h * v_sh
     idx = tl.arange(0, BLOCK_T)
     neg_inf = float("-inf")
-    t0 = seg * seg_len
-    t_end = tl.minimum(t0 + seg_len, T)
-    m_c = tl.max(tl.full([BLOCK_T], neg_inf, tl.float32), axis=0)
-    u_c = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
+    m_c = _neg_inf_scalar(BLOCK_T)
+    u_c = _zero_scalar(BLOCK_T)
     w_c = tl.zeros([BLOCK_D], tl.float32)
     for start in range(t0, t_end, BLOCK_T):
         t = start + idx
@@ -129,13 +145,7 @@ def _scan_fwd_kernel(
     o_sb, o_sh, o_st,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    seg = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
+    pid_bh, b, h, pid_d, offs_d, mask_d, seg, t0, t_end = _program(T, H, D, seg_len, 0, BLOCK_D)
     S += b * s_sb + h * s_sh
     V += b * v_sb + h * v_sh
     O += b * o_sb + h * o_sh
@@ -144,13 +154,11 @@ def _scan_fwd_kernel(
     idx = tl.arange(0, BLOCK_T)
     is_last = idx == BLOCK_T - 1
     neg_inf = float("-inf")
-    t0 = seg * seg_len
-    t_end = tl.minimum(t0 + seg_len, T)
 
     # the triple of all tokens before the current block: the empty one, then the earlier
     # segments' totals folded in (``combine``)
-    m_c = tl.max(tl.full([BLOCK_T], neg_inf, tl.float32), axis=0)
-    u_c = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
+    m_c = _neg_inf_scalar(BLOCK_T)
+    u_c = _zero_scalar(BLOCK_T)
     w_c = tl.zeros([BLOCK_D], tl.float32)
     for j in range(0, seg):
         row = pid_bh * n_seg + j
@@ -214,24 +222,16 @@ def _bwd_totals_kernel(
 ):
     """K and this Dh block's share of C at the first token a of each segment but the first, from
     its own tokens only: sum_k e^(r_a - r_k) (g_k, g_k . o_k) / u_k (no scan: a reduction)."""
-    pid_bh = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    seg = tl.program_id(2) + 1
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
+    pid_bh, b, h, pid_d, offs_d, mask_d, seg, t0, t_end = _program(T, H, D, seg_len, 1, BLOCK_D)
     O += b * o_sb + h * o_sh
     G += b * g_sb + h * g_sh
     R += pid_bh * T
     U += pid_bh * T
     idx = tl.arange(0, BLOCK_T)
     neg_inf = float("-inf")
-    t0 = seg * seg_len
-    t_end = tl.minimum(t0 + seg_len, T)
     r_a = tl.load(R + t0)
     k_c = tl.zeros([BLOCK_D], tl.float32)
-    c_c = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
+    c_c = _zero_scalar(BLOCK_T)
     for start in range(t0, t_end, BLOCK_T):
         t = start + idx
         mask_t = t < t_end
@@ -259,13 +259,7 @@ def _scan_bwd_kernel(
     dv_sb, dv_sh, dv_st,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    seg = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
+    pid_bh, b, h, pid_d, offs_d, mask_d, seg, t0, t_end = _program(T, H, D, seg_len, 0, BLOCK_D)
     S += b * s_sb + h * s_sh
     V += b * v_sb + h * v_sh
     O += b * o_sb + h * o_sh
@@ -277,15 +271,13 @@ def _scan_bwd_kernel(
     j = tl.arange(0, BLOCK_T)
     is_last = j == BLOCK_T - 1
     neg_inf = float("-inf")
-    t0 = seg * seg_len
-    t_end = tl.minimum(t0 + seg_len, T)
 
     # K and C (this Dh block's share of it: C is linear in g . o, which sums over Dh blocks) of
     # the tokens after the current block, and r at the first of them: to begin with, the later
     # segments' totals, each moved from its first token to the first token after this segment
     r_c = tl.load(R + t_end, mask=t_end < T, other=neg_inf)
     k_c = tl.zeros([BLOCK_D], tl.float32)
-    c_c = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
+    c_c = _zero_scalar(BLOCK_T)
     for i in range(seg + 1, n_seg):
         row = pid_bh * n_seg + i
         r_a = tl.load(R + i * seg_len)
