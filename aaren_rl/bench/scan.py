@@ -9,8 +9,8 @@ Bytes counted are those the implementation must move at least once:
   the kernel, are left out: 4 bytes per token and Dh block).
 
 The kernel is timed as replays of a CUDA graph (``graphed_ms``): device time, as in training,
-where the step runs as a graph too. ``--tune`` also tries kernel settings and uses the fastest (the kernel's
-defaults in ``kernels/triton_scan.py`` come from such a run).
+where the step runs as a graph too. ``--tune`` also tries kernel settings and uses the fastest
+(the kernel's defaults in ``kernels/triton_scan.py`` come from such a run).
 """
 
 from __future__ import annotations
