@@ -46,17 +46,36 @@ DEMO_MODEL = {"embed_dim": 64}
 DEMO_TRAIN = {"warmup_steps": 200, "learning_rate": 1e-3, "log_every": 50}
 DEMO_BATCH = {"window": 40, "episode": 4}
 
+# The evaluation protocol, shared with scripts/compare.py so that their numbers can be pooled:
+# episodes seeded from EVAL_SEED + the training seed, the env preset's first target return, and
+# scores normalized with the dataset's own references (measured when it was collected).
+EVAL_SEED = 10_000
+
+
+def demo_settings(context: str) -> tuple[dict, dict]:
+    """The demo's model and train overrides (the same for every agent) for an agent's context."""
+    return dict(DEMO_MODEL), {**DEMO_TRAIN, "batch_size": DEMO_BATCH[context]}
+
+
+def evaluate_run(logdir, env_id: str, target: float, episodes: int, seed: int,
+                 ref_min_score: float | None, ref_max_score: float | None) -> dict:
+    """Evaluate a run's latest checkpoint by the protocol above (on the CPU)."""
+    from aaren_rl.checkpoint import load_checkpoint
+    from aaren_rl.evaluate import evaluate_policy
+    from aaren_rl.policy import StreamingPolicy
+
+    model, _ = load_checkpoint(logdir, device="cpu")
+    return evaluate_policy(StreamingPolicy(model, target), env_id, episodes, seed=EVAL_SEED + seed,
+                           ref_min_score=ref_min_score, ref_max_score=ref_max_score)
+
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from aaren_rl.checkpoint import load_checkpoint
     from aaren_rl.data import load_dataset
     from aaren_rl.data.collect import CollectConfig, collect
     from aaren_rl.data.writers import minari_dataset_exists
-    from aaren_rl.evaluate import evaluate_policy
     from aaren_rl.plots import plot_runs
-    from aaren_rl.policy import StreamingPolicy
     from aaren_rl.train import TrainConfig, model_config_for, train
 
     from .evaluate import write_json_atomic
@@ -86,8 +105,9 @@ def run(args: argparse.Namespace) -> int:
     target = float(env["target_returns"][0]) if env["target_returns"] else dataset.return_max
     for i, agent in enumerate(args.agents):
         p = load_preset("agents", agent)
-        model_config = model_config_for(dataset, **{**p.get("model", {}), **DEMO_MODEL})
-        train_config = TrainConfig(**{**p.get("train", {}), **DEMO_TRAIN, "batch_size": DEMO_BATCH[model_config.context],
+        demo_model, demo_train = demo_settings(p.get("model", {}).get("context", "window"))
+        model_config = model_config_for(dataset, **{**p.get("model", {}), **demo_model})
+        train_config = TrainConfig(**{**p.get("train", {}), **demo_train,
                                       "updates": args.updates, "seed": args.seed,
                                       "device": args.device, "eval_every": max(args.updates // 5, 1),
                                       "eval_episodes": 10, "checkpoint_every": args.updates,
@@ -106,9 +126,8 @@ def run(args: argparse.Namespace) -> int:
     # 3. evaluate
     print(f"[3/4] evaluating {args.eval_episodes} episodes each in {env['env_id']} (target return {target:g})")
     for label, logdir in runs.items():
-        model, _ = load_checkpoint(logdir, device="cpu")
-        res = evaluate_policy(StreamingPolicy(model, target), env["env_id"], args.eval_episodes, seed=10_000 + args.seed,
-                              ref_min_score=dataset.ref_min_score, ref_max_score=dataset.ref_max_score)
+        res = evaluate_run(logdir, env["env_id"], target, args.eval_episodes, args.seed,
+                           dataset.ref_min_score, dataset.ref_max_score)
         results[label].update({k: v for k, v in res.items() if k not in ("returns", "lengths")})
 
     # 4. report
