@@ -234,6 +234,41 @@ def evaluate_policy(policy: StreamingPolicy, env, n_episodes: int = 10, seed: in
     return result
 
 
+VIDEO_EXTRA = "pip install 'aaren-rl[video]'"
+
+
+def check_video_dependencies(env_id: str, path: str | Path) -> None:
+    """ValueError, naming what to install, unless one frame of ``env_id`` can be rendered and
+    written to ``path``'s format: run it before an evaluation whose video would fail after it."""
+    import os
+
+    path = Path(path)
+    if path.suffix not in (".gif", ".mp4"):
+        raise ValueError(f"video path must end in .gif or .mp4, got {path}")
+    for module, why in (("imageio", "writing a video"), *((("imageio_ffmpeg", "an .mp4 video"),) if path.suffix == ".mp4" else ())):
+        try:
+            __import__(module)
+        except ImportError:
+            raise ValueError(f"{why} needs {module.replace('_', '-')}: {VIDEO_EXTRA}"
+                             + (" (or write a .gif)" if module == "imageio_ffmpeg" else "")) from None
+    if not os.environ.get("DISPLAY"):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering
+    _check_env_id(env_id)
+    try:
+        env = gym.make(env_id, render_mode="rgb_array")
+        try:
+            env.reset(seed=0)
+            env.render()
+        finally:
+            env.close()
+    except gym.error.DependencyNotInstalled as e:
+        raise ValueError(f"rendering {env_id} needs a package that is not installed ({e}): {VIDEO_EXTRA}") from None
+    except Exception as e:  # MuJoCo without an OpenGL context, ...
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"cannot render {env_id} ({type(e).__name__}: {first}); headless MuJoCo needs "
+                         f"MUJOCO_GL=egl or osmesa") from None
+
+
 def record_video(policy: StreamingPolicy, env_id: str, path: str | Path, seed: int = 0, fps: int = 30) -> Path:
     """Render one episode to ``path`` (.gif, or .mp4 with imageio-ffmpeg). MuJoCo headless: MUJOCO_GL=egl."""
     import os

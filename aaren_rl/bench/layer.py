@@ -271,8 +271,9 @@ def table_step(rows: list[dict]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to time the stacks (default: cuda if available, else cpu)")
+    p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="sequence lengths in tokens")
     p.add_argument("--batch", type=int, default=None,
                    help=f"batch size (default: {GPU_BATCH} on CUDA; {CPU_TOKENS} tokens / length on CPU)")
     p.add_argument("--backend", choices=["all", "plain", "triton"], default="all",

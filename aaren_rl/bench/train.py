@@ -332,8 +332,9 @@ def table_profile(rows: list[dict]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--agents", nargs="+", choices=list(AGENTS), default=list(AGENTS))
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to train (default: cuda if available, else cpu)")
+    p.add_argument("--agents", nargs="+", choices=list(AGENTS), default=list(AGENTS), help="agents to time")
     p.add_argument("--modes", nargs="+", default=None,
                    help="compile modes (default on CUDA: none cudagraph torch.compile torch.compile+cudagraph; "
                         "on CPU: none)")
@@ -343,14 +344,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=None, help="override every agent's batch size")
     p.add_argument("--updates", type=int, default=300, help="updates per timed round (window context)")
     p.add_argument("--episode-updates", type=int, default=20, help="updates per timed round (episode context)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per setting")
     p.add_argument("--episodes", type=int, default=200, help="synthetic episodes")
-    p.add_argument("--episode-len", type=int, default=1000)
+    p.add_argument("--episode-len", type=int, default=1000, help="steps per synthetic episode")
     p.add_argument("--stack-lengths", type=int, nargs="*", default=[60, 3000],
                    help="CUDA: stack fwd+bwd lengths (none: skip)")
     p.add_argument("--stack-modes", nargs="*", default=["eager", "cudagraph"],
-                   choices=["eager", "cudagraph", "torch.compile+cudagraph"])
-    p.add_argument("--stack-dtypes", nargs="*", default=["float32", "bf16"], choices=["float32", "bf16"])
+                   choices=["eager", "cudagraph", "torch.compile+cudagraph"], help="CUDA: how the stacks run")
+    p.add_argument("--stack-dtypes", nargs="*", default=["float32", "bf16"], choices=["float32", "bf16"],
+                   help="CUDA: the stacks' precisions")
     p.add_argument("--fp32-graph", action="store_true", help="also time the CUDA-graph update in float32")
     p.add_argument("--profile-lengths", type=int, nargs="*", default=[],
                    help="also profile the compiled bf16 stacks' kernels at these token counts "

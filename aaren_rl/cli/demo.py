@@ -29,11 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="folder for data, runs, results (default: runs/demo)")
     p.add_argument("--env", default="pendulum", help="env preset (default: pendulum)")
     p.add_argument("--tier", default="medium-expert", help="dataset tier to train on (default: medium-expert)")
-    p.add_argument("--agents", nargs="+", default=DEFAULT_AGENTS, help="agent presets to train and compare")
+    p.add_argument("--agents", nargs="+", default=DEFAULT_AGENTS, help=f"agent presets to train and compare (default: {' '.join(DEFAULT_AGENTS)})")
     p.add_argument("--updates", type=int, default=2000, help="updates per agent (default: 2000)")
-    p.add_argument("--eval-episodes", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--eval-episodes", type=int, default=20, help="evaluation episodes per agent (default: 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the training and (+10000) the "
+                                                        "evaluation episodes (default: 0)")
+    p.add_argument("--device", default="auto", help="training device: auto (CUDA if available), cpu, cuda, ... "
+                                                     "(default: auto)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default: 1; small models gain little from more, and "
                         "OpenMP threads competing with another busy process can slow them 100x)")
