@@ -69,6 +69,8 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model: DecisionMode
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if trainer_state is not None:
             torch.save(trainer_state, tmp / "trainer.pt")
+        for f in tmp.iterdir():  # safetensors writes 0600 files too
+            os.chmod(f, 0o666 & ~_umask())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
