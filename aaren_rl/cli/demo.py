@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from aaren_rl.data.collect import CollectConfig, collect
     from aaren_rl.data.writers import minari_dataset_exists
     from aaren_rl.plots import plot_runs
-    from aaren_rl.train import TrainConfig, model_config_for, train
+    from aaren_rl.train import TrainConfig, default_target_return, model_config_for, train
 
     from .evaluate import write_json_atomic
 
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
     # 2. train
     runs, results = {}, {}
-    target = float(env["target_returns"][0]) if env["target_returns"] else dataset.return_max
+    target = float(env["target_returns"][0]) if env["target_returns"] else default_target_return(dataset)
     for i, agent in enumerate(args.agents):
         p = load_preset("agents", agent)
         demo_model, demo_train = demo_settings(p.get("model", {}).get("context", "window"))
