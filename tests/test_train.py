@@ -211,6 +211,7 @@ def _saved(obj) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the foreign pickle, on purpose
 def test_resume_from_a_damaged_checkpoint_is_one_clear_line(tmp_path, hdf5_dataset):
     import argparse
     import pickle
