@@ -20,7 +20,7 @@ import torch
 
 from aaren_rl.checkpoint import load_checkpoint
 from aaren_rl.cli import main as cli
-from aaren_rl.cli.evaluate import write_json_atomic
+from aaren_rl.output import write_json
 from aaren_rl.cli.presets import resolve_env
 from aaren_rl.evaluate import evaluate_policy
 from aaren_rl.policy import StreamingPolicy
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
                 row = {"dataset": Path(source).stem, "agent": agent, "seed": seed, "train_seconds": train_s,
                        **{k: v for k, v in res.items() if k not in ("returns", "lengths")}}
                 rows.append(row)
-                write_json_atomic(out / "compare.json", {"env": env["env_id"], "target_return": target, "rows": rows})
+                write_json(out / "compare.json", {"env": env["env_id"], "target_return": target, "rows": rows})
                 print(f"{row['dataset']:>20} {agent:>28} seed {seed}: score {row['normalized_score_mean']:.1f} "
                       f"(return {row['return_mean']:.0f}), {row['policy_ms_per_step']:.2f} ms/step, train {train_s:.0f} s",
                       flush=True)
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print("\n" + table)
     machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    write_json_atomic(out / "compare.json", {"env": env["env_id"], "target_return": target, "updates": args.updates,
+    write_json(out / "compare.json", {"env": env["env_id"], "target_return": target, "updates": args.updates,
                                              "device": machine, "rows": rows})
     (out / "compare.md").write_text(table + "\n")
     return 0
