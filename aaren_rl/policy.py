@@ -189,8 +189,10 @@ def _array(name: str, value, dtype) -> np.ndarray:
 
 def _check_finite(name: str, x: np.ndarray) -> None:
     """NaN, inf or a value too large for the model's float32 arithmetic: the same error whatever
-    backend would compute the step (a NaN makes both comparisons false)."""
-    if not (-MAX_INPUT <= x.min() and x.max() <= MAX_INPUT):
+    backend would compute the step. One sum of squares, in float64 (which cannot overflow here):
+    a NaN or inf anywhere makes it NaN or inf."""
+    flat = x.reshape(-1)
+    if not float(np.dot(flat, flat.astype(np.float64))) <= MAX_INPUT * MAX_INPUT:
         raise ValueError(f"{name} contains NaN or inf, or a value beyond {MAX_INPUT:g} in size (the model "
                          f"computes in float32)")
 
