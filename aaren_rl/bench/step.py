@@ -50,11 +50,9 @@ from . import common
 
 OBS_DIM, ACT_DIM = 17, 6  # HalfCheetah
 TARGET_RETURN = 6000.0  # DT's HalfCheetah target return
-METHODS = ("aaren_compiled", "before_aaren_predict", "before_aaren_lean", "aaren_compiled_bf16", "aaren_torch", "dt_window", "dt_kvcache")
+METHODS = ("aaren_compiled", "aaren_compiled_bf16", "aaren_torch", "dt_window", "dt_kvcache")
 LABELS = {
     "aaren_compiled": "Decision Aaren, compiled C step",
-    "before_aaren_predict": "BEFORE: Decision Aaren, compiled C step in the old StreamingPolicy.predict",
-    "before_aaren_lean": "BEFORE: Decision Aaren, compiled C step in the old FastAarenPolicy (no checks)",
     "aaren_compiled_bf16": "Decision Aaren, compiled C step, bf16 weights (inexact)",
     "aaren_torch": "Decision Aaren, PyTorch step (eager)",
     "dt_window": "Decision Transformer, window recompute (K = 20, eager)",
@@ -110,34 +108,6 @@ def make_stepper(method: str, n: int, history: int, models: dict):
     from ..backends import CompiledStep
 
     inp = Inputs(n)
-    if method.startswith("before_"):  # the implementation before the backend interface, for one comparison
-        from ._old_cpu_step import FastAarenPolicy
-        from ._old_policy import StreamingPolicy as OldPolicy
-
-        if method == "before_aaren_lean":
-            lean = FastAarenPolicy(models["aaren"], TARGET_RETURN, n)
-            for _ in range(history):
-                o, r = inp.next()
-                lean.predict(o, reward=r)
-
-            def step():
-                o, r = inp.next()
-                lean.predict(o, reward=r)
-
-            step.state_bytes = lean.state_nbytes()
-            return step
-        old = OldPolicy(models["aaren"], TARGET_RETURN)
-        state = None
-        for t in range(history):
-            o, r = inp.next()
-            _, state = old.predict(o, state, reward=None if t == 0 else r)
-
-        def step():
-            o, r = inp.next()
-            old.predict(o, state, reward=r)
-
-        step.state_bytes = old.state_nbytes(state)
-        return step
     model = models["transformer" if method.startswith("dt") else "aaren"]
     mode = "window" if method == "dt_window" else "recurrent"
     backend = {"aaren_compiled": "compiled", "aaren_torch": "torch"}.get(method, "auto")
