@@ -132,13 +132,19 @@ def load_checkpoint(path: str | os.PathLike, device="cpu") -> tuple[DecisionMode
     return model.to(device).eval(), info
 
 
+def read_weights(folder: str | os.PathLike) -> dict:
+    """A checkpoint folder's model.safetensors as a state dict; ValueError if it is damaged."""
+    folder = Path(folder)
+    try:
+        return load_file(folder / "model.safetensors")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"checkpoint {folder}/model.safetensors is corrupt: {e}") from None
+
+
 def load_weights(model: DecisionModel, folder: str | os.PathLike) -> None:
     """Load a checkpoint folder's model.safetensors into ``model``; ValueError if it is damaged."""
     folder = Path(folder)
-    try:
-        state = load_file(folder / "model.safetensors")
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"checkpoint {folder}/model.safetensors is corrupt: {e}") from None
+    state = read_weights(folder)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

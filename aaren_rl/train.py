@@ -26,7 +26,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from .checkpoint import (
-    load_trainer_state, load_weights, remove_stale_temporaries, resolve_checkpoint, save_checkpoint,
+    load_trainer_state, read_weights, remove_stale_temporaries, resolve_checkpoint, save_checkpoint,
     update_checkpoint_info,
 )
 from .data import TrajectoryDataset
@@ -262,6 +262,51 @@ class UpdateStep:
         return loss
 
 
+def make_update_step(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDataset,
+                     device: torch.device | str = "cpu", weights: dict | None = None,
+                     trainer_state: dict | None = None) -> UpdateStep:
+    """The model, its optimizer, warm-up schedule and batch sampler, and the ``UpdateStep`` that
+    runs them: the one setup of training, its benchmark and its tests.
+
+    Moves the dataset to ``device``; the compile mode is ``config.compile`` resolved for it.
+    ``weights`` (a state dict) and ``trainer_state`` (from a checkpoint's trainer.pt: optimizer,
+    schedule, RNG states) make it go on from a checkpoint. The model is ``update.model``, in
+    training mode.
+    """
+    device = torch.device(device)
+    mode = resolve_compile(config.compile, device)
+    dataset.to(device)
+    gen = torch.Generator(device=device).manual_seed(config.seed)
+    max_len = config.max_episode_len
+    if mode != "none" and max_len is None:
+        max_len = dataset.max_episode_length  # a graph (or compiled code) runs one batch shape
+
+    def sample_batch():
+        if model_config.context == "window":
+            return dataset.sample_windows(config.batch_size, model_config.context_len, gen)
+        return dataset.sample_episodes(config.batch_size, gen, max_len=max_len)
+
+    torch.manual_seed(config.seed)
+    model = DecisionModel(model_config, dataset.obs_mean, dataset.obs_std).to(device)
+    optimizer = make_optimizer(model, config)
+    warmup = max(config.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 1.0))
+    if weights is not None:
+        model.load_state_dict(weights)
+    if trainer_state is not None:
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        torch.set_rng_state(trainer_state["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in trainer_state:
+            torch.cuda.set_rng_state(trainer_state["cuda_rng"])
+        gen.set_state(trainer_state["sampler_rng"].to(gen.get_state().device))
+    if "cudagraph" in mode:
+        make_capturable(optimizer)  # after the scheduler is built, which keeps float base rates
+    amp = config.amp and device.type == "cuda"
+    return UpdateStep(model.train(), optimizer, scheduler, sample_batch, mode=mode, amp=amp,
+                      grad_clip=config.grad_clip, generators=[gen])
+
+
 def train(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDataset, logdir: str | Path,
           resume: bool = False, progress: bool = True) -> DecisionModel:
     """Train and return the model; logs, checkpoints and the final evaluation go under ``logdir``."""
@@ -279,28 +324,8 @@ def train(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDat
         check_env_matches(env_id, dataset.observation_dim, dataset.action_dim, dataset.discrete,
                           f"the dataset {dataset.name!r}")
 
-    # -- data: all of it on the device, batches by tensor indexing
-    mode = resolve_compile(config.compile, device)
-    dataset.to(device)
-    gen = torch.Generator(device=device).manual_seed(config.seed)
-    max_len = config.max_episode_len
-    if mode != "none" and max_len is None:
-        max_len = dataset.max_episode_length  # a graph (or compiled code) runs one batch shape
-
-    def sample_batch():
-        if model_config.context == "window":
-            return dataset.sample_windows(config.batch_size, model_config.context_len, gen)
-        return dataset.sample_episodes(config.batch_size, gen, max_len=max_len)
-
-    # -- model and optimizer
-    torch.manual_seed(config.seed)
-    model = DecisionModel(model_config, dataset.obs_mean, dataset.obs_std).to(device)
-    optimizer = make_optimizer(model, config)
-    warmup = max(config.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 1.0))
-    amp = config.amp and device.type == "cuda"
-
-    start = 0
+    # -- data, model, optimizer: all of it on the device, batches by tensor indexing
+    start, weights, state = 0, None, None
     if resume and (ckpt_dir / "latest").is_file():
         folder = resolve_checkpoint(ckpt_dir)
         try:
@@ -311,22 +336,16 @@ def train(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDat
         if changed:
             raise ValueError(f"cannot resume {logdir}: settings differ from the saved run's (saved -> given): "
                              f"{'; '.join(changed)}. Give the saved settings, or a new --logdir")
-        load_weights(model, folder)
-        state = load_trainer_state(folder)
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise ValueError(f"checkpoint {folder}/trainer.pt does not match the model's optimizer: {e}") from None
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"])
-        gen.set_state(state["sampler_rng"].to(gen.get_state().device))
+        weights, state = read_weights(folder), load_trainer_state(folder)
         start = int(state["step"])
-    if "cudagraph" in mode:
-        make_capturable(optimizer)  # after the scheduler is built, which keeps float base rates
-    update = UpdateStep(model, optimizer, scheduler, sample_batch, mode=mode, amp=amp, grad_clip=config.grad_clip,
-                        generators=[gen])
+    try:
+        update = make_update_step(model_config, config, dataset, device, weights, state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        if state is None:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"checkpoint {resolve_checkpoint(ckpt_dir)} does not match the model or its optimizer: {first}") from None
+    model, optimizer, scheduler, gen = update.model, update.optimizer, update.scheduler, update.generators[0]
 
     def trainer_state(step):
         opt, sched = portable_state(optimizer, scheduler)
@@ -364,7 +383,6 @@ def train(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDat
     from tqdm.auto import tqdm
 
     bar = tqdm(total=config.updates, initial=start, desc="train", unit="upd", disable=not progress, dynamic_ncols=True)
-    model.train()
     last_eval, last_loss, t_log, n_log = None, float("nan"), time.perf_counter(), 0
     for step in range(start + 1, config.updates + 1):
         update()  # no host sync: the loss stays on the device until the next log line

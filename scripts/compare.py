@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from aaren_rl.cli import main as cli
+from aaren_rl.output import write_json
 from aaren_rl.cli.demo import EVAL_SEED, demo_settings, evaluate_run
-from aaren_rl.cli.evaluate import write_json_atomic
 from aaren_rl.cli.presets import load_preset, resolve_dataset, resolve_env
 from aaren_rl.data import load_dataset
 
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
                 row = {"dataset": Path(source).stem, "agent": agent, "seed": seed, "train_seconds": train_s,
                        **{k: v for k, v in res.items() if k not in ("returns", "lengths")}}
                 rows.append(row)
-                write_json_atomic(out / "compare.json", {**meta, "rows": rows})
+                write_json(out / "compare.json", {**meta, "rows": rows})
                 print(f"{row['dataset']:>20} {agent:>28} seed {seed}: score {row['normalized_score_mean']:.1f} "
                       f"(return {row['return_mean']:.0f}), {row['policy_ms_per_step']:.2f} ms/step, train {train_s:.0f} s",
                       flush=True)
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
                          f"{np.mean([r['policy_ms_per_step'] for r in rs]):.2f} | {np.mean([r['train_seconds'] for r in rs]):.0f} |")
     table = "\n".join(lines)
     print("\n" + table)
-    write_json_atomic(out / "compare.json", {**meta, "rows": rows})
+    write_json(out / "compare.json", {**meta, "rows": rows})
     (out / "compare.md").write_text(table + "\n")
     return 0
 

@@ -14,9 +14,9 @@ from aaren_rl.policy import StreamingPolicy
 from aaren_rl.sb3 import RewardFeedback
 
 
-def pendulum_policy(fast=None):
+def pendulum_policy(backend="auto"):
     model = make_model("aaren", "window", obs_dim=3, act_dim=1, embed_dim=16, n_head=1, max_timestep=256)
-    return StreamingPolicy(model, target_return=-150.0, fast=fast)
+    return StreamingPolicy(model, target_return=-150.0, backend=backend)
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,9 @@ def test_a_single_gymnasium_env_runs_its_episodes_one_after_another():
     assert res["returns"] == expected and res["n_envs"] == 1
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_sb3_evaluate_policy_through_reward_feedback_equals_ours(fast):
-    policy = pendulum_policy(fast)
+@pytest.mark.parametrize("backend", ["compiled", "torch"])
+def test_sb3_evaluate_policy_through_reward_feedback_equals_ours(backend):
+    policy = pendulum_policy(backend)
     venv = make_vec_env("Pendulum-v1", n_envs=2)
     ours = evaluate_policy(policy, venv, n_episodes=4, seed=11)["returns"]
     with pytest.raises(ValueError, match="reward is required"):  # SB3 keeps the rewards to itself

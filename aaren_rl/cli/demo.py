@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from aaren_rl.plots import plot_runs
     from aaren_rl.train import TrainConfig, default_target_return, model_config_for, train
 
-    from .evaluate import write_json_atomic
+    from ..output import write_json
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     png = plot_runs(runs, out / "curves.png", title=f"{env['env_id']}, {args.tier} data")
     summary = {"env_id": env["env_id"], "tier": args.tier, "target_return": target, "updates": args.updates,
                "results": results, "data_seconds": t_data, "total_seconds": time.perf_counter() - t_start}
-    write_json_atomic(out / "results.json", summary)
+    write_json(out / "results.json", summary)
     (out / "results.md").write_text(table + "\n")
     print(f"[4/4] results ({env['env_id']}, trained on {args.tier}; normalized: 0 = random, 100 = expert)\n")
     print(table)

@@ -7,11 +7,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 
+from ..output import write_json
 from .presets import available, resolve_env
 
 
@@ -33,15 +31,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video", metavar="PATH", help="also render one episode to PATH, .gif or .mp4; needs "
                                                    "aaren-rl[video] (default: no video)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
-
-
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         line += f", normalized score {res['normalized_score_mean']:.1f} ± {res['normalized_score_std']:.1f}"
     print(line + f" (target {target:g}, {policy.mode} policy, {res['policy_ms_per_step']:.2f} ms/step)")
     if args.json:
-        write_json_atomic(args.json, res)
+        write_json(args.json, res)
         print(f"wrote {args.json}")
     if args.video:
         print(f"video: {record_video(policy, env['env_id'], args.video, seed=args.seed)}")
