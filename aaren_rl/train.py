@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from .checkpoint import (
     load_trainer_state, read_weights, remove_stale_temporaries, resolve_checkpoint, save_checkpoint,
     update_checkpoint_info,
 )
+from . import distributed
 from .data import TrajectoryDataset
 from .model import DecisionModel, ModelConfig
 
@@ -186,8 +188,11 @@ class UpdateStep:
     """
 
     def __init__(self, model: DecisionModel, optimizer, scheduler, sample_batch, *, mode: str = "none",
-                 amp: bool = False, grad_clip: float = 0.25, generators=(), warmup: int = 3):
+                 amp: bool = False, grad_clip: float = 0.25, generators=(), warmup: int = 3,
+                 forward_module: torch.nn.Module | None = None, world_size: int = 1):
         self.model, self.optimizer, self.scheduler, self.sample_batch = model, optimizer, scheduler, sample_batch
+        # data parallel: the forward runs through DDP(model), which averages the gradients over ranks
+        self.forward_module, self.world_size = forward_module or model, world_size
         self.device = next(model.parameters()).device
         self.mode, self.amp, self.grad_clip = mode, amp, grad_clip
         self.graphed = "cudagraph" in mode
@@ -206,11 +211,14 @@ class UpdateStep:
         actions = model.normalize_action(batch.actions)
         # autocast's cache of cast weights would live outside the graph's memory: off when graphed
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=not self.graphed):
-            pred = model(batch.returns_to_go, batch.observations, actions, batch.timesteps, batch.padding_mask)
+            pred = self.forward_module(batch.returns_to_go, batch.observations, actions, batch.timesteps, batch.padding_mask)
         return model.loss(pred.float(), actions, batch.padding_mask)
 
     def _update(self):
-        loss = self.forward_loss(self.sample_batch())
+        batch = self.sample_batch()
+        loss = self.forward_loss(batch)
+        if self.world_size > 1:  # the global batch's mean loss, whatever each rank's padding
+            loss = loss * distributed.rank_loss_weight(batch.padding_mask, self.world_size)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.grad_norm.copy_(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip))
@@ -255,16 +263,30 @@ class UpdateStep:
         self.updates_since_pop += 1
 
     def pop_mean_loss(self) -> float:
-        """Mean loss of the updates since the last call (a device sync)."""
+        """Mean loss of the updates since the last call (a device sync; data parallel: of the global
+        batches, the same on every rank)."""
+        if self.world_size > 1:
+            distributed.mean_over_ranks(self.loss_sum)
         loss = (self.loss_sum / max(self.updates_since_pop, 1)).item()
         self.loss_sum.zero_()  # in place: a graph holds its address
         self.updates_since_pop = 0
         return loss
 
 
+def resolve_compile_data_parallel(mode: str) -> str:
+    """Data parallel runs eagerly: "auto" is "none"; CUDA graphs and torch.compile under DDP are not
+    supported here (a graph would have to capture DDP's gradient all-reduce)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
+    if mode not in ("auto", "none"):
+        raise ValueError(f"compile={mode!r} is not supported in data-parallel training (several ranks); "
+                         f"use 'none' or 'auto' (which runs eagerly there)")
+    return "none"
+
+
 def make_update_step(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDataset,
                      device: torch.device | str = "cpu", weights: dict | None = None,
-                     trainer_state: dict | None = None) -> UpdateStep:
+                     trainer_state: dict | None = None, ranks: distributed.Ranks | None = None) -> UpdateStep:
     """The model, its optimizer, warm-up schedule and batch sampler, and the ``UpdateStep`` that
     runs them: the one setup of training, its benchmark and its tests.
 
@@ -272,22 +294,37 @@ def make_update_step(model_config: ModelConfig, config: TrainConfig, dataset: Tr
     ``weights`` (a state dict) and ``trainer_state`` (from a checkpoint's trainer.pt: optimizer,
     schedule, RNG states) make it go on from a checkpoint. The model is ``update.model``, in
     training mode.
+
+    ``ranks`` (default: the initialized process group, if any): with several ranks the model is
+    wrapped in DDP, ``config.batch_size`` is the global batch (each rank samples its share from
+    its own stream, ``distributed.rank_seed``), and a trainer state restores this rank's streams
+    where it holds them (``rank_rngs``, saved by as many ranks), else re-derives them from the seed,
+    the rank and the step.
     """
     device = torch.device(device)
-    mode = resolve_compile(config.compile, device)
+    ranks = ranks or distributed.current()
+    world = ranks.world_size
+    mode = resolve_compile_data_parallel(config.compile) if ranks.active else resolve_compile(config.compile, device)
+    if config.batch_size % world:
+        raise ValueError(f"train.batch_size {config.batch_size} (the global batch) must be divisible by the "
+                         f"{world} ranks")
+    batch_size = config.batch_size // world
     dataset.to(device)
-    gen = torch.Generator(device=device).manual_seed(config.seed)
+    seed = distributed.rank_seed(config.seed, ranks.rank, world)
+    gen = torch.Generator(device=device).manual_seed(seed)
     max_len = config.max_episode_len
     if mode != "none" and max_len is None:
         max_len = dataset.max_episode_length  # a graph (or compiled code) runs one batch shape
 
     def sample_batch():
         if model_config.context == "window":
-            return dataset.sample_windows(config.batch_size, model_config.context_len, gen)
-        return dataset.sample_episodes(config.batch_size, gen, max_len=max_len)
+            return dataset.sample_windows(batch_size, model_config.context_len, gen)
+        return dataset.sample_episodes(batch_size, gen, max_len=max_len)
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = DecisionModel(model_config, dataset.obs_mean, dataset.obs_std).to(device)
+    if ranks.active:
+        torch.manual_seed(seed)  # dropout masks of this rank's own
     optimizer = make_optimizer(model, config)
     warmup = max(config.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 1.0))
@@ -296,28 +333,57 @@ def make_update_step(model_config: ModelConfig, config: TrainConfig, dataset: Tr
     if trainer_state is not None:
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
-        torch.set_rng_state(trainer_state["torch_rng"])
-        if device.type == "cuda" and "cuda_rng" in trainer_state:
-            torch.cuda.set_rng_state(trainer_state["cuda_rng"])
-        gen.set_state(trainer_state["sampler_rng"].to(gen.get_state().device))
+        rngs = trainer_state.get("rank_rngs") or [{k: trainer_state[k] for k in ("torch_rng", "sampler_rng", "cuda_rng")
+                                                   if k in trainer_state}]
+        if len(rngs) == world:  # the streams this rank had when the checkpoint was saved
+            mine = rngs[ranks.rank]
+            torch.set_rng_state(mine["torch_rng"])
+            if device.type == "cuda" and "cuda_rng" in mine:
+                torch.cuda.set_rng_state(mine["cuda_rng"], device)
+            gen.set_state(mine["sampler_rng"].to(gen.get_state().device))
+        else:  # saved by another number of ranks: new streams, the same on every resume
+            again = distributed.rank_seed(config.seed, ranks.rank, world, step=int(trainer_state["step"]))
+            torch.manual_seed(again)
+            gen.manual_seed(again)
     if "cudagraph" in mode:
         make_capturable(optimizer)  # after the scheduler is built, which keeps float base rates
+    forward_module = None
+    if ranks.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # buffers (normalization statistics, action bounds) are constants: no broadcast per forward
+        forward_module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                 broadcast_buffers=False)
     amp = config.amp and device.type == "cuda"
     return UpdateStep(model.train(), optimizer, scheduler, sample_batch, mode=mode, amp=amp,
-                      grad_clip=config.grad_clip, generators=[gen])
+                      grad_clip=config.grad_clip, generators=[gen], forward_module=forward_module, world_size=world)
 
 
 def train(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDataset, logdir: str | Path,
           resume: bool = False, progress: bool = True) -> DecisionModel:
-    """Train and return the model; logs, checkpoints and the final evaluation go under ``logdir``."""
+    """Train and return the model; logs, checkpoints and the final evaluation go under ``logdir``.
+
+    In an initialized process group (torchrun, ``distributed.init_from_env``) every rank calls this
+    and trains the same model data parallel; rank 0 alone writes under ``logdir`` and evaluates,
+    the others wait at barriers (docs/distributed.md)."""
     config.validate()
     logdir = Path(logdir)
     ckpt_dir = logdir / "checkpoints"
-    device = resolve_device(config.device)
+    ranks = distributed.current()
+    main = ranks.is_main
+    if ranks.active:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size))
+        device = distributed.device_for(config.device, ranks.local_rank, local_world)
+    else:
+        device = resolve_device(config.device)
     env_id = config.env_id or dataset.env_id
     target_return = config.target_return if config.target_return is not None else default_target_return(dataset)
     info = {"train": asdict(config), "dataset": dataset.summary(), "env_id": env_id, "target_return": target_return}
-    remove_stale_temporaries(ckpt_dir)  # what a run killed while saving left behind
+    if ranks.active:
+        info["data_parallel"] = {"world_size": ranks.world_size, "batch_per_rank": config.batch_size // ranks.world_size}
+    distributed.barrier()  # every rank has checked the run folder before rank 0 writes to it
+    if main:
+        remove_stale_temporaries(ckpt_dir)  # what a run killed while saving left behind
     if env_id and config.eval_episodes > 0:  # a mismatch found now, not after all the updates
         from .evaluate import check_env_matches
 
@@ -339,29 +405,36 @@ def train(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDat
         weights, state = read_weights(folder), load_trainer_state(folder)
         start = int(state["step"])
     try:
-        update = make_update_step(model_config, config, dataset, device, weights, state)
+        update = make_update_step(model_config, config, dataset, device, weights, state, ranks)
     except (ValueError, KeyError, RuntimeError) as e:
         if state is None:
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"checkpoint {resolve_checkpoint(ckpt_dir)} does not match the model or its optimizer: {first}") from None
     model, optimizer, scheduler, gen = update.model, update.optimizer, update.scheduler, update.generators[0]
+    distributed.barrier()  # every rank has read the checkpoint it resumes from
 
     def trainer_state(step):
-        opt, sched = portable_state(optimizer, scheduler)
-        s = {"optimizer": opt, "scheduler": sched, "step": step,
-             "torch_rng": torch.get_rng_state(), "sampler_rng": gen.get_state().cpu()}
+        """rank 0's state (the others': None); every rank's random streams under ``rank_rngs``."""
+        rngs = {"torch_rng": torch.get_rng_state(), "sampler_rng": gen.get_state().cpu()}
         if device.type == "cuda":
-            s["cuda_rng"] = torch.cuda.get_rng_state()
+            rngs["cuda_rng"] = torch.cuda.get_rng_state(device)
+        all_rngs = distributed.gather_to_main(rngs) if ranks.active else [rngs]
+        if not main:
+            return None
+        opt, sched = portable_state(optimizer, scheduler)
+        s = {"optimizer": opt, "scheduler": sched, "step": step, **rngs}
+        if ranks.active:
+            s["rank_rngs"] = all_rngs
         return s
 
-    # -- logging
-    writer = SummaryWriter(str(logdir), purge_step=start + 1 if start else None)
+    # -- logging (rank 0)
+    writer = SummaryWriter(str(logdir), purge_step=start + 1 if start else None) if main else _NoWriter()
     if start == 0:
         writer.add_text("config", "```\n" + json.dumps({"model": model_config.to_dict(), **info}, indent=2) + "\n```")
 
     def run_eval(step):
-        if not env_id or config.eval_episodes == 0:
+        if not env_id or config.eval_episodes == 0 or not main:
             return None
         from .evaluate import evaluate_policy  # gymnasium only where an evaluation runs
         from .policy import StreamingPolicy
@@ -382,7 +455,8 @@ def train(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDat
     # -- the loop
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=config.updates, initial=start, desc="train", unit="upd", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=config.updates, initial=start, desc="train", unit="upd", disable=not (progress and main),
+               dynamic_ncols=True)
     last_eval, last_loss, t_log, n_log = None, float("nan"), time.perf_counter(), 0
     for step in range(start + 1, config.updates + 1):
         update()  # no host sync: the loss stays on the device until the next log line
@@ -400,9 +474,13 @@ def train(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDat
             bar.set_postfix(loss=f"{last_loss:.4f}", **({"eval": f"{last_eval:.1f}"} if last_eval is not None else {}))
             t_log, n_log = now, 0
         saved = None
-        if step % config.checkpoint_every == 0 or step == config.updates:  # before evaluating: an
-            saved = save_checkpoint(ckpt_dir, step, model, info, trainer_state(step))  # error keeps the weights
-        if (config.eval_every and step % config.eval_every == 0) or step == config.updates:
+        checkpoint = step % config.checkpoint_every == 0 or step == config.updates
+        evaluation = (config.eval_every and step % config.eval_every == 0) or step == config.updates
+        if checkpoint:  # before evaluating: an error keeps the weights
+            state_now = trainer_state(step)  # a collective: every rank takes part
+            if main:
+                saved = save_checkpoint(ckpt_dir, step, model, info, state_now)
+        if evaluation:
             res = run_eval(step)
             if res is not None:
                 last_eval = res.get("normalized_score_mean", res["return_mean"])
@@ -410,6 +488,8 @@ def train(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDat
                 info["last_eval"] = {"step": step, **{k: v for k, v in res.items() if k not in ("returns", "lengths")}}
                 if saved is not None:
                     update_checkpoint_info(saved, {"last_eval": info["last_eval"]})
+        if checkpoint or evaluation:
+            distributed.barrier()  # the others wait while rank 0 saves and evaluates
         bar.update(1)
     bar.close()
     if "last_eval" in info:
@@ -418,5 +498,13 @@ def train(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDat
             {"hparam/return_mean": info["last_eval"]["return_mean"]}, run_name=".",
         )
     writer.close()
+    distributed.barrier()  # rank 0 has written everything
     model.eval()
     return model
+
+
+class _NoWriter:
+    """The TensorBoard writer of ranks other than 0: writes nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None

@@ -4,6 +4,7 @@
     aaren-rl train --agent decision_transformer --dataset data/hopper/medium.hdf5 --env hopper
     aaren-rl train ... --set model.embed_dim=64 train.batch_size=8      # any preset value
     aaren-rl train ... --resume                                         # go on from the last checkpoint
+    torchrun --standalone --nproc_per_node=2 -m aaren_rl train ...      # data parallel (docs/distributed.md)
 
 Values come from the agent preset (``agents/NAME.toml``), then from the options given here.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import types
 import typing
 from dataclasses import fields
@@ -27,10 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env", help="env preset or gymnasium id for evaluation, targets and references "
                                  "(default: the dataset's environment)")
     p.add_argument("--updates", type=int, help="gradient updates (default: the preset's, else 100000)")
-    p.add_argument("--batch-size", type=int, help="sequences per batch (default: the preset's, else 64)")
+    p.add_argument("--batch-size", type=int, help="sequences per batch; under torchrun the global batch, split "
+                                                  "evenly over the ranks (default: the preset's, else 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and evaluations (default: 0)")
     p.add_argument("--logdir", default=None, help="run folder (default: runs/AGENT-DATASET-sSEED)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...; under "
+                                                    "torchrun each rank takes its local rank's GPU (default: auto)")
     p.add_argument("--eval-every", type=int, help="updates between evaluations, 0: only at the end "
                                                   "(default: the preset's, else 10000)")
     p.add_argument("--eval-episodes", type=int, help="episodes per evaluation, 0: none "
@@ -116,6 +120,18 @@ def build_configs(args: argparse.Namespace, dataset):
 
 
 def run(args: argparse.Namespace) -> int:
+    from aaren_rl import distributed
+
+    if not distributed.launched_by_torchrun():
+        return _run(args)
+    ranks, _ = distributed.init_from_env(args.device)  # one process of several: torchrun's variables
+    try:
+        return _run(args, main=ranks.is_main)
+    finally:
+        distributed.destroy()
+
+
+def _run(args: argparse.Namespace, main: bool = True) -> int:
     from pathlib import Path
 
     import torch
@@ -147,9 +163,17 @@ def run(args: argparse.Namespace) -> int:
     logdir = Path(args.logdir or f"runs/{name}-{Path(source).stem.replace('/', '-')}-s{args.seed}")
     if logdir.exists() and any(logdir.iterdir()) and not args.resume:
         raise SystemExit(f"error: run folder {logdir} is not empty; pass --resume to continue it or choose --logdir")
-    print(f"{dataset!r}\nagent {name}: {model_config.backbone}, context {model_config.context}; logging to {logdir}")
-    print(f"target return {train_config.target_return:g} ({how})")
+    show = print if main else (lambda *a, **k: None)  # data parallel: rank 0 speaks for the run
+    show(f"{dataset!r}\nagent {name}: {model_config.backbone}, context {model_config.context}; logging to {logdir}")
+    show(f"target return {train_config.target_return:g} ({how})")
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        world = int(os.environ["WORLD_SIZE"])
+        show(f"data parallel: {world} ranks, global batch {train_config.batch_size} "
+             f"({train_config.batch_size // world} per rank); "
+             f"updates run eagerly (compile 'none': CUDA graphs and torch.compile are not used with DDP)")
     train(model_config, train_config, dataset, logdir, resume=args.resume, progress=not args.no_progress)
+    if not main:
+        return 0
     info = json.loads((logdir / "checkpoints" / (logdir / "checkpoints" / "latest").read_text().strip() / "config.json").read_text())
     ev = info.get("last_eval")
     if ev:
