@@ -351,9 +351,13 @@ def make_update_step(model_config: ModelConfig, config: TrainConfig, dataset: Tr
     if ranks.active:
         from torch.nn.parallel import DistributedDataParallel
 
+        import inspect
+
         # buffers (normalization statistics, action bounds) are constants: no broadcast per forward
+        params = inspect.signature(DistributedDataParallel.__init__).parameters
+        no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
         forward_module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                 broadcast_buffers=False)
+                                                 **no_sync)
     amp = config.amp and device.type == "cuda"
     return UpdateStep(model.train(), optimizer, scheduler, sample_batch, mode=mode, amp=amp,
                       grad_clip=config.grad_clip, generators=[gen], forward_module=forward_module, world_size=world)

@@ -142,3 +142,19 @@ def test_data_parallel_settings_fail_clearly(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ValueError, match="WORLD_SIZE='two'"):
         distributed.launched_by_torchrun()
+
+
+@pytest.mark.slow
+def test_the_ddp_benchmark_times_one_and_two_gloo_processes(tmp_path):
+    import json
+
+    out = tmp_path / "ddp.json"
+    cmd = [sys.executable, "-m", "aaren_rl", "bench", "ddp", "--device", "cpu", "--nprocs", "1", "2",
+           "--embed-dim", "16", "--n-layer", "1", "--n-head", "1", "--episodes", "6", "--episode-len", "20",
+           "--batch", "4", "--warmup", "1", "--updates", "2", "--rounds", "1", "--threads", "1", "--json", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["nprocs"], r["batch_per_rank"], r["status"]) for r in rows] == [(1, 4, "ok"), (2, 2, "ok")]
+    assert all(r["updates_per_s"] > 0 for r in rows) and "| processes |" in done.stdout

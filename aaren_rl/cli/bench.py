@@ -15,6 +15,7 @@ BENCHMARKS = {
     "scan": "the Aaren scan alone (plain vs fused Triton kernel): time and achieved memory bandwidth",
     "step": "acting cost of a whole agent, step by step",
     "train": "training throughput of a whole agent",
+    "ddp": "data-parallel training: updates/s of one run on 1 vs N processes (GPUs), started by torchrun",
 }
 
 
