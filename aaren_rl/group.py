@@ -38,11 +38,10 @@ import math
 import os
 import time
 import types
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
@@ -502,21 +501,45 @@ def evaluate_many(jobs: list[dict], workers: int | None = None, progress: bool =
         bar.close()
 
 
-def _log_eval(writer, res: dict, step: int) -> None:
-    writer.add_scalar("eval/return_mean", res["return_mean"], step)
-    writer.add_scalar("eval/return_std", res["return_std"], step)
-    writer.add_scalar("eval/episode_length", res["length_mean"], step)
-    writer.add_scalar("eval/policy_ms_per_step", res["policy_ms_per_step"], step)
-    if "normalized_score_mean" in res:
-        writer.add_scalar("eval/normalized_score", res["normalized_score_mean"], step)
+def record_evaluation(run: Run, result: dict, step: int, writer=None) -> dict:
+    """What ``train()`` keeps of an evaluation: TensorBoard scalars in the run folder, and
+    ``last_eval`` in the config.json of the checkpoint it evaluated (rewritten atomically)."""
+    own = writer is None
+    if own:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run.logdir))
+    writer.add_scalar("eval/return_mean", result["return_mean"], step)
+    writer.add_scalar("eval/return_std", result["return_std"], step)
+    writer.add_scalar("eval/episode_length", result["length_mean"], step)
+    writer.add_scalar("eval/policy_ms_per_step", result["policy_ms_per_step"], step)
+    if "normalized_score_mean" in result:
+        writer.add_scalar("eval/normalized_score", result["normalized_score_mean"], step)
+    if own:
+        writer.close()
+    last = {k: v for k, v in result.items() if k not in ("returns", "lengths")}
+    folder = Path(result["folder"]) if "folder" in result else resolve_checkpoint(run.logdir / "checkpoints")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["last_eval"] = last
+    _write_atomic(folder / "config.json", json.dumps(cfg, indent=2))
+    return last
+
+
+def evaluation_jobs(runs: list[Run], step: int) -> list[tuple[int, dict]]:
+    """(run index, job) for every run that has an environment to evaluate in, at its latest checkpoint."""
+    jobs = [(r, _eval_job(run, resolve_checkpoint(run.logdir / "checkpoints"), step)) for r, run in enumerate(runs)]
+    return [(r, j) for r, j in jobs if j is not None]
 
 
 def train_group(runs: list[Run], resume: bool = False, progress: bool = True, eval_workers: int | None = None,
-                device: str | None = None) -> list[DecisionModel]:
+                device: str | None = None, final_eval: bool = True) -> list[DecisionModel]:
     """Train the runs as one group; each run's folder ends as ``train()`` would leave it.
 
     ``resume``: runs with a checkpoint continue from it (all of the group's checkpoints must be at
-    the same step; ``aaren_rl.sweep`` groups runs by their step). Returns the R trained models.
+    the same step; ``aaren-rl sweep`` groups runs by their step). Evaluations (every
+    ``eval_every`` updates and at the end) run from the checkpoints, spread over ``eval_workers``
+    processes; ``final_eval=False`` leaves the last one to the caller (a sweep overlaps it with
+    the next group's training). Returns the R trained models.
     """
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
@@ -539,7 +562,8 @@ def train_group(runs: list[Run], resume: bool = False, progress: bool = True, ev
             if (d / "latest").is_file():
                 starts[r] = group.load_run(r, resolve_checkpoint(d))
         if len(set(starts)) > 1:
-            raise ValueError(f"runs of one group must resume from the same step, got {dict(zip([r.name for r in runs], starts))}")
+            raise ValueError("runs of one group must resume from the same step, got "
+                             f"{dict(zip([r.name for r in runs], starts))}")
     start = starts[0]
     group.step.fill_(float(start))
 
@@ -554,18 +578,10 @@ def train_group(runs: list[Run], resume: bool = False, progress: bool = True, ev
             save_checkpoint(ckpt_dirs[r], step, models[r], infos[r], group.trainer_state(r))
 
     def evaluate(step):
-        jobs = [(r, _eval_job(run, resolve_checkpoint(ckpt_dirs[r]), step)) for r, run in enumerate(runs)]
-        jobs = [(r, j) for r, j in jobs if j is not None]
+        jobs = evaluation_jobs(runs, step)
         results = evaluate_many([j for _, j in jobs], eval_workers, progress=progress)
-        for (r, _), res in zip(jobs, results):
-            _log_eval(writers[r], res, step)
-            infos[r]["last_eval"] = {k: v for k, v in res.items() if k not in ("returns", "lengths")}
-            # the checkpoint of this step gets the evaluation in its config.json, as train() writes it
-            folder = resolve_checkpoint(ckpt_dirs[r])
-            cfg = json.loads((folder / "config.json").read_text())
-            cfg["last_eval"] = infos[r]["last_eval"]
-            _write_atomic(folder / "config.json", json.dumps(cfg, indent=2))
-        return results
+        for (r, job), res in zip(jobs, results):
+            infos[r]["last_eval"] = record_evaluation(runs[r], {**res, "folder": job["folder"]}, step, writers[r])
 
     bar = tqdm(total=tc.updates, initial=start, desc=f"train x{group.R}", unit="upd", disable=not progress,
                dynamic_ncols=True)
@@ -590,7 +606,7 @@ def train_group(runs: list[Run], resume: bool = False, progress: bool = True, ev
                 bar.set_postfix(loss=f"{min(losses):.4f}..{max(losses):.4f}")
                 t_log, n_log = now, 0
             checkpoint = step % tc.checkpoint_every == 0 or last
-            do_eval = (tc.eval_every and step % tc.eval_every == 0) or last
+            do_eval = bool(tc.eval_every and step % tc.eval_every == 0) or (last and final_eval)
             if checkpoint or do_eval:
                 save(step)  # an evaluation reads the checkpoint it evaluates
             if do_eval:
@@ -607,4 +623,5 @@ def train_group(runs: list[Run], resume: bool = False, progress: bool = True, ev
     return [m.eval() for m in group.sync_models()]
 
 
-__all__ = ["Run", "RunGroup", "check_group", "evaluate_many", "group_key", "train_group"]
+__all__ = ["Run", "RunGroup", "check_group", "evaluate_many", "evaluation_jobs", "group_key", "record_evaluation",
+           "train_group"]
