@@ -20,10 +20,13 @@ Each run keeps what makes it a run of its own:
   ``train()`` writes them, so ``load_checkpoint``, ``aaren-rl evaluate`` and ``--resume`` (alone
   or in a group) work on it unchanged.
 
-Why vmap and not hand-batched weights (``bmm``): the measurement (``aaren-rl bench sweep``,
-formulation rows) shows the two at the same speed on the CPU, since vmap lowers a linear layer
-with (R, out, in) weights to one batched matrix product; vmap keeps one model definition, so
-the group cannot drift from ``DecisionModel``.
+Why vmap and not weights kept batched and multiplied with ``bmm``: both lower a linear layer
+of R runs to one batched matrix product, so on a GPU, where the number of launches sets the
+time at this size, they launch the same kernels, and under a CUDA graph (and torch.compile)
+vmap's Python-level cost is paid once, at capture. vmap keeps one model definition, so a group
+cannot drift from ``DecisionModel``. On the CPU the hand-written ``baddbmm`` form was faster
+(``aaren-rl bench sweep``, formulation rows; docs/sweep.md): there the FLOPs bind and grouping
+itself does not pay at DT's size.
 
 The whole update (sampling, masks, forward, backward, per-run clip, AdamW, schedule) touches only
 device tensors: the learning rates come from a step counter on the device, so the update can be

@@ -243,3 +243,18 @@ def test_sweep_spec_errors_are_one_line(tmp_path):
         main(["sweep", "--agents", "decision_aaren"])
     with pytest.raises(SystemExit, match="not found"):
         main(["sweep", str(tmp_path / "missing.toml")])
+
+
+def test_bench_sweep_writes_its_table_and_json(tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    assert main(["bench", "sweep", "--device", "cpu", "--agents", "decision_aaren/window", "--runs", "1", "2",
+                 "--updates", "1", "--rounds", "1", "--embed-dim", "16", "--n-layer", "1", "--batch", "4",
+                 "--formulation-runs", "2", "--json", str(out)]) == 0
+    assert "aggregate run-updates/s" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    rows = [r for r in res["groups"] if r["status"] == "ok"]
+    assert [r["runs_per_group"] for r in rows] == [1, 1, 2]  # the solo row, then the groups
+    assert all(r["aggregate_updates_per_s"] > 0 and r["peak_mem_mb"] is not None for r in rows)
+    assert rows[2]["state_mb"] == pytest.approx(2 * rows[1]["state_mb"])
+    assert {r["formulation"] for r in res["formulation"]} >= {"vmap(functional_call)"}
+    assert all(r["max_abs_diff_vmap_vs_bmm"] < 1e-4 for r in res["formulation"])

@@ -60,11 +60,12 @@ class GroupResult:
 
 
 def measure_group(agent: str, mode: str, R: int, dataset, device: torch.device, updates: int, rounds: int,
-                  warmup: int = 5) -> GroupResult:
+                  warmup: int = 5, batch: int | None = None, model: dict | None = None) -> GroupResult:
     from ..group import Run, RunGroup
     from ..train import TrainConfig, model_config_for
 
-    overrides, batch = AGENTS[agent]
+    overrides, default_batch = AGENTS[agent]
+    batch = batch or default_batch
     res = GroupResult(agent, mode, R, batch)
     cuda = device.type == "cuda"
     if cuda:
@@ -72,7 +73,7 @@ def measure_group(agent: str, mode: str, R: int, dataset, device: torch.device, 
         torch.cuda.reset_peak_memory_stats()
     base, rss0 = (torch.cuda.memory_allocated() if cuda else 0), _rss_mb()
     t0 = time.perf_counter()
-    mc = model_config_for(dataset, **overrides)
+    mc = model_config_for(dataset, **{**overrides, **(model or {})})
     runs = [Run(mc, TrainConfig(batch_size=batch, seed=s, compile=mode, device=str(device)), dataset, f"r{s}")
             for s in range(R)]
     group = RunGroup(runs, device, mode=mode, amp=cuda)
@@ -96,14 +97,21 @@ def measure_group(agent: str, mode: str, R: int, dataset, device: torch.device, 
     return res
 
 
-def measure_solo(agent: str, mode: str, dataset, device: torch.device, updates: int, rounds: int) -> GroupResult:
+def measure_solo(agent: str, mode: str, dataset, device: torch.device, updates: int, rounds: int,
+                 batch: int | None = None, model: dict | None = None) -> GroupResult:
     from .train import AGENTS as TRAIN_AGENTS, build_update
 
     if agent not in TRAIN_AGENTS:
         return GroupResult(agent + " (solo)", mode, 1, AGENTS[agent][1], status="no solo agent in bench train")
-    res = GroupResult(agent + " (solo)", mode, 1, AGENTS[agent][1])
+    batch = batch or AGENTS[agent][1]
+    res = GroupResult(agent + " (solo)", mode, 1, batch)
     t0 = time.perf_counter()
-    model, update, _ = build_update(agent, mode, dataset, device, AGENTS[agent][1])
+    saved = TRAIN_AGENTS[agent]
+    TRAIN_AGENTS[agent] = ({**saved[0], **(model or {})}, saved[1])  # the same overrides as the group's
+    try:
+        _, update, _ = build_update(agent, mode, dataset, device, batch)
+    finally:
+        TRAIN_AGENTS[agent] = saved
     for _ in range(5):
         update()
     update.pop_mean_loss()
@@ -181,6 +189,48 @@ def _bmm_out(x, g, b, w1, b1, w2, b2, width):
 
 
 # ----------------------------------------------------------------------------------------------
+# the final evaluation of many runs
+
+
+def measure_evaluation(n_runs: int, episodes: int, workers: list[int], env_id: str = "Pendulum-v1") -> list[dict]:
+    """Wall time of ``group.evaluate_many`` over ``n_runs`` checkpoints (Decision Aaren at DT's
+    size, untrained: acting costs the same) with ``episodes`` each, by number of processes."""
+    import tempfile
+    from pathlib import Path
+
+    from ..checkpoint import save_checkpoint
+    from ..group import evaluate_many
+    from ..model import DecisionModel, ModelConfig
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = []
+        for i in range(n_runs):
+            torch.manual_seed(i)
+            mc = ModelConfig(observation_dim=3, action_dim=1, action_low=[-2.0], action_high=[2.0])
+            folder = save_checkpoint(Path(tmp) / f"r{i}", 1, DecisionModel(mc), {"env_id": env_id})
+            jobs.append(dict(folder=str(folder), env_id=env_id, episodes=episodes, seed=i, target_return=-150.0,
+                             ref_min_score=None, ref_max_score=None))
+        for w in workers:
+            t = time.perf_counter()
+            res = evaluate_many(jobs, workers=w)
+            wall = time.perf_counter() - t
+            rows.append(dict(env_id=env_id, runs=n_runs, episodes_per_run=episodes, workers=w, wall_s=wall,
+                             episodes_total=sum(r["episodes"] for r in res),
+                             policy_ms_per_step_mean=sum(r["policy_ms_per_step"] for r in res) / len(res)))
+            print(f"evaluation: {n_runs} runs x {episodes} episodes, {w} process(es): {wall:.1f} s", flush=True)
+    return rows
+
+
+def table_evaluation(rows: list[dict]) -> str:
+    lines = ["| env | runs | episodes per run | processes | wall s | runs per minute |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['env_id']} | {r['runs']} | {r['episodes_per_run']} | {r['workers']} | {r['wall_s']:.1f} | "
+                     f"{60 * r['runs'] / r['wall_s']:.1f} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 # tables and the command
 
 
@@ -211,13 +261,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if cuda else "cpu", help="default: cuda if available")
     p.add_argument("--agents", nargs="+", choices=list(AGENTS), default=None,
                    help="default: the two window agents (and decision_aaren/episode on CUDA)")
-    p.add_argument("--runs", type=int, nargs="+", default=None,
-                   help="runs per group to time (default: CPU 1 2 4 8; CUDA 1 4 16 36 64 108)")
+    p.add_argument("--runs", type=int, nargs="*", default=None,
+                   help="runs per group to time (default: CPU 1 2 4 8; CUDA 1 4 16 36 64 108; none: skip)")
     p.add_argument("--modes", nargs="+", default=None,
                    help="compile modes (default: CPU none; CUDA cudagraph torch.compile+cudagraph)")
     p.add_argument("--updates", type=int, default=None, help="updates per timed round (default: CPU 5, CUDA 200)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (default: 3)")
     p.add_argument("--formulation-runs", type=int, default=8, help="R for the vmap vs bmm comparison (0: skip; default 8)")
+    p.add_argument("--batch", type=int, default=None, help="batch per run (default: 64 for windows, 16 for episodes)")
+    p.add_argument("--embed-dim", type=int, default=None, help="model width (default: DT's 128)")
+    p.add_argument("--n-layer", type=int, default=None, help="layers (default: DT's 3)")
+    p.add_argument("--eval-runs", type=int, default=0,
+                   help="also time the final evaluation of this many runs (Pendulum-v1; default 0: skip)")
+    p.add_argument("--eval-episodes", type=int, default=20, help="episodes per run in that evaluation (default 20)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--budget-s", type=float, default=None, help="skip what is left after this many seconds")
     p.add_argument("--json", default=None, help="result file (default: benchmarks/results/sweep_MACHINE.json)")
@@ -233,26 +289,30 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
     agents = args.agents or (list(AGENTS) if cuda else ["decision_aaren/window", "decision_transformer/window"])
-    runs = args.runs or ([1, 4, 16, 36, 64, 108] if cuda else [1, 2, 4, 8])
+    runs = args.runs if args.runs is not None else ([1, 4, 16, 36, 64, 108] if cuda else [1, 2, 4, 8])
     modes = args.modes or (["cudagraph", "torch.compile+cudagraph"] if cuda else ["none"])
     updates = args.updates or (200 if cuda else 5)
     info = common.machine_info(device.type)
     path = args.json or common.RESULTS_DIR / f"sweep_{common.machine_slug(info)}.json"
     t_start = time.perf_counter()
     dataset = synthetic_dataset(200 if cuda else 50, 1000).to(device)
-    groups, formulation = [], []
+    groups, formulation, evaluation = [], [], []
+    model_kw = {k: v for k, v in (("embed_dim", args.embed_dim), ("n_layer", args.n_layer)) if v is not None}
+    size = {**dict(n_layer=3, embed_dim=128, n_head=1, dropout=0.1, obs_dim=17, act_dim=6), **model_kw}
+    if args.batch:
+        size["batch"] = args.batch
 
     def save():
         common.write_json(path, dict(
-            benchmark="sweep", machine=info, model=dict(n_layer=3, embed_dim=128, n_head=1, dropout=0.1, obs_dim=17,
-                                                         act_dim=6),
+            benchmark="sweep", machine=info, model=size,
             method=("aggregate_updates_per_s = runs per group x group updates/s (median round of N updates, one "
                     "sync per round); vs_solo: over one run through train.UpdateStep in the same mode; memory: "
                     "CUDA max_memory_allocated minus before, CPU peak RSS growth (upper bound) and the group's "
                     "weights + grads + AdamW moments (state_mb)"),
-            target_aggregate_updates_per_s=TARGET_AGGREGATE, groups=groups, formulation=formulation))
+            target_aggregate_updates_per_s=TARGET_AGGREGATE, groups=groups, formulation=formulation,
+            evaluation=evaluation))
 
-    for agent in agents:
+    for agent in agents if runs else []:
         for mode in modes:
             n = updates if AGENTS[agent][0]["context"] == "window" or not cuda else max(updates // 10, 5)
             solo = None
@@ -262,10 +322,11 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 try:
                     if solo is None:
-                        solo = measure_solo(agent, mode, dataset, device, n, args.rounds)
+                        solo = measure_solo(agent, mode, dataset, device, n, args.rounds, args.batch, model_kw)
                         groups.append(asdict(solo))
                         print(f"{agent} {mode} solo: {solo.group_updates_per_s or 0:.1f} updates/s", flush=True)
-                    r = measure_group(agent, mode, R, dataset, device, n, args.rounds)
+                    r = measure_group(agent, mode, R, dataset, device, n, args.rounds, batch=args.batch,
+                                      model=model_kw)
                     if solo.status == "ok":
                         r.vs_solo = r.aggregate_updates_per_s / solo.aggregate_updates_per_s
                 except Exception as e:  # noqa: BLE001 -- one failing size must not lose the others
@@ -281,12 +342,19 @@ def run(args: argparse.Namespace) -> int:
                 save()
     if args.formulation_runs:
         formulation.extend(measure_formulation(args.formulation_runs, device))
+    if args.eval_runs:
+        import os
+
+        evaluation.extend(measure_evaluation(args.eval_runs, args.eval_episodes, sorted({1, os.cpu_count() or 1})))
     save()
     label = info.get("gpu") if cuda else f"{info['cpu']}, {info['cpu_count']} cores, {info['torch_threads']} threads"
-    print(f"\nmany runs as one group, {label} (torch {info['torch']}):\n")
+    print(f"\nmany runs as one group, {label} (torch {info['torch']}), model {size}:\n")
     print(table_groups(groups))
     if formulation:
         print("\nvmap vs batched matrix products (3 MLP blocks, width 128, fwd+bwd):\n")
         print(table_formulation(formulation))
+    if evaluation:
+        print("\nfinal evaluation of many runs, spread over processes:\n")
+        print(table_evaluation(evaluation))
     print(f"\nwrote {path}")
     return 0
