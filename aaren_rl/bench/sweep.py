@@ -38,6 +38,26 @@ AGENTS = {  # name: model overrides, batch size
 TARGET_AGGREGATE = 20_000.0  # run-updates/s on one H200, window agents at DT's size
 
 
+def _fmt(x, unit: str = "", nd: int = 2) -> str:
+    """A table cell: a number, or '-'."""
+    return "-" if x is None else f"{x:.{nd}f}{unit}"
+
+
+def _write_json(path, payload: dict) -> None:
+    """Written atomically: a killed benchmark leaves the previous file whole."""
+    import json
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -243,9 +263,9 @@ def table_groups(rows: list[dict]) -> str:
             lines.append(f"| {r['agent']} | {r['mode']} | {r['runs_per_group']} | {r['status'][:60]} | | | | | | |")
             continue
         lines.append(f"| {r['agent']} | {r['mode']} | {r['runs_per_group']} | {r['group_updates_per_s']:.1f} | "
-                     f"{r['aggregate_updates_per_s']:.1f} | {common.fmt(r['vs_solo'], 'x', 1)} | "
-                     f"{r['aggregate_updates_per_s'] / TARGET_AGGREGATE:.3f} | {common.fmt(r['setup_s'], nd=1)} | "
-                     f"{common.fmt(r['state_mb'], nd=1)} | {common.fmt(r['peak_mem_mb'], nd=0)} |")
+                     f"{r['aggregate_updates_per_s']:.1f} | {_fmt(r['vs_solo'], 'x', 1)} | "
+                     f"{r['aggregate_updates_per_s'] / TARGET_AGGREGATE:.3f} | {_fmt(r['setup_s'], nd=1)} | "
+                     f"{_fmt(r['state_mb'], nd=1)} | {_fmt(r['peak_mem_mb'], nd=0)} |")
     return "\n".join(lines)
 
 
@@ -268,6 +288,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--updates", type=int, default=None, help="updates per timed round (default: CPU 5, CUDA 200)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (default: 3)")
     p.add_argument("--formulation-runs", type=int, default=8, help="R for the vmap vs bmm comparison (0: skip; default 8)")
+    p.add_argument("--formulation-tokens", type=int, default=64 * 60,
+                   help="tokens per run in that comparison (default: 3840, batch 64 x 60 tokens)")
     p.add_argument("--batch", type=int, default=None, help="batch per run (default: 64 for windows, 16 for episodes)")
     p.add_argument("--embed-dim", type=int, default=None, help="model width (default: DT's 128)")
     p.add_argument("--n-layer", type=int, default=None, help="layers (default: DT's 3)")
@@ -303,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
         size["batch"] = args.batch
 
     def save():
-        common.write_json(path, dict(
+        _write_json(path, dict(
             benchmark="sweep", machine=info, model=size,
             method=("aggregate_updates_per_s = runs per group x group updates/s (median round of N updates, one "
                     "sync per round); vs_solo: over one run through train.UpdateStep in the same mode; memory: "
@@ -338,10 +360,10 @@ def run(args: argparse.Namespace) -> int:
                 groups.append(asdict(r))
                 if r.status == "ok":
                     print(f"{agent} {mode} R={R}: {r.aggregate_updates_per_s:.1f} run-updates/s "
-                          f"({common.fmt(r.vs_solo, 'x', 1)} one run)", flush=True)
+                          f"({_fmt(r.vs_solo, 'x', 1)} one run)", flush=True)
                 save()
     if args.formulation_runs:
-        formulation.extend(measure_formulation(args.formulation_runs, device))
+        formulation.extend(measure_formulation(args.formulation_runs, device, tokens=args.formulation_tokens))
     if args.eval_runs:
         import os
 
