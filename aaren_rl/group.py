@@ -290,8 +290,10 @@ class RunGroup:
         masks = {}
         for key, site in zip(self._mask_keys, self.sites):
             keep = 1.0 - site.p
-            masks[key] = torch.stack([torch.empty(site.shape, device=self.device).bernoulli_(keep, generator=g)
-                                      for g in self.dropout_gens]).div_(keep)
+            mask = torch.empty((self.R, *site.shape), device=self.device)
+            for r, g in enumerate(self.dropout_gens):
+                mask[r].bernoulli_(keep, generator=g)  # in place: no stacking copy
+            masks[key] = mask.div_(keep)
         return masks
 
     # -- the update ------------------------------------------------------------------------
