@@ -51,7 +51,8 @@ from torch.func import functional_call, stack_module_state, vmap
 from . import kernels
 from .blocks import CausalSelfAttention
 from .checkpoint import _write_atomic, load_trainer_state, resolve_checkpoint, save_checkpoint
-from .data import TrajectoryDataset
+from .data import FlatEpisodes, TrajectoryDataset
+from .data.sampling import _randint
 from .model import DecisionModel, ModelConfig
 from .train import TrainConfig, make_optimizer, portable_state, resolve_compile, resolve_device
 
@@ -230,6 +231,8 @@ class RunGroup:
             if not any(run.dataset is d for d in self.datasets):
                 self.datasets.append(run.dataset.to(device))
 
+        self._concatenate_datasets()
+
         # -- the template: one model on the meta device whose dropout reads masks given to it
         probe = self._sample_one(runs[0].dataset, torch.Generator(device=device).manual_seed(0))
         self.sites = _dropout_sites(copy.deepcopy(self.models[0]).to(device), probe)
@@ -280,10 +283,51 @@ class RunGroup:
         return dataset.sample_episodes(self.batch_size, gen, max_len=self.max_len)
 
     def sample(self) -> list[Tensor]:
-        """One batch per run from its own generator, stacked: (R, B, L, ...) per field."""
-        batches = [self._sample_one(r.dataset, g) for r, g in zip(self.runs, self.sample_gens)]
-        return [torch.stack([getattr(b, f) for b in batches])
+        """One batch per run from its own generator, (R, B, L, ...) per field: each run draws its
+        start indices as ``sample_windows`` / ``sample_episodes`` do, then one gather builds all
+        R batches from the group's datasets concatenated (R + a dozen kernels, not R dozen)."""
+        flat, B = self.flat, self.batch_size
+        if self.context == "window":
+            i = torch.stack([_randint(n, B, g, self.device) for n, g in zip(self.run_steps, self.sample_gens)])
+            i = (i + self.step_offset[:, None]).reshape(-1)  # (R * B,) rows of the concatenation
+            episode = flat.step_episode[i]
+            end = flat.episode_start[episode] + flat.episode_length[episode]
+            valid = (i[:, None] + torch.arange(self.K, device=self.device)) < end[:, None]
+            batch = flat.gather(i, valid)
+        else:
+            e = torch.stack([_randint(n, B, g, self.device) for n, g in zip(self.run_episodes, self.sample_gens)])
+            e = (e + self.episode_offset[:, None]).reshape(-1)
+            valid = torch.arange(self.max_len, device=self.device) < flat.episode_length[e][:, None]
+            batch = flat.gather(flat.episode_start[e], valid)
+        return [getattr(batch, f).reshape(self.R, B, *getattr(batch, f).shape[1:])
                 for f in ("returns_to_go", "observations", "actions", "timesteps", "padding_mask")]
+
+    def _concatenate_datasets(self) -> None:
+        """The group's datasets as one ``FlatEpisodes`` (observations normalized per dataset, as
+        each run's batches are) and each run's offsets into it."""
+        parts, offsets = [], {}
+        steps = episodes = 0
+        for d in self.datasets:
+            f = d.flat
+            offsets[id(d)] = (steps, episodes)
+            parts.append(FlatEpisodes(
+                observations=(f.observations - f.obs_mean) / f.obs_std, actions=f.actions, rewards=f.rewards,
+                returns_to_go=f.returns_to_go, timesteps=f.timesteps, step_episode=f.step_episode + episodes,
+                episode_start=f.episode_start + steps, episode_length=f.episode_length, obs_mean=f.obs_mean,
+                obs_std=f.obs_std))
+            steps, episodes = steps + f.num_steps, episodes + f.num_episodes
+        cat = lambda name: torch.cat([getattr(p, name) for p in parts])
+        dim = parts[0].observations.shape[1]
+        self.flat = FlatEpisodes(
+            observations=cat("observations"), actions=cat("actions"), rewards=cat("rewards"),
+            returns_to_go=cat("returns_to_go"), timesteps=cat("timesteps"), step_episode=cat("step_episode"),
+            episode_start=cat("episode_start"), episode_length=cat("episode_length"),
+            obs_mean=torch.zeros(dim, device=self.device), obs_std=torch.ones(dim, device=self.device))
+        long = dict(dtype=torch.long, device=self.device)
+        self.step_offset = torch.tensor([offsets[id(r.dataset)][0] for r in self.runs], **long)
+        self.episode_offset = torch.tensor([offsets[id(r.dataset)][1] for r in self.runs], **long)
+        self.run_steps = [r.dataset.flat.num_steps for r in self.runs]
+        self.run_episodes = [r.dataset.flat.num_episodes for r in self.runs]
 
     def draw_masks(self) -> dict[str, Tensor]:
         """Each run's dropout masks from its own generator, site by site in the model's order."""
