@@ -24,9 +24,9 @@ Why vmap and not weights kept batched and multiplied with ``bmm``: both lower a 
 of R runs to one batched matrix product, so on a GPU, where the number of launches sets the
 time at this size, they launch the same kernels, and under a CUDA graph (and torch.compile)
 vmap's Python-level cost is paid once, at capture. vmap keeps one model definition, so a group
-cannot drift from ``DecisionModel``. On the CPU the hand-written ``baddbmm`` form was faster
-(``aaren-rl bench sweep``, formulation rows; docs/sweep.md): there the FLOPs bind and grouping
-itself does not pay at DT's size.
+cannot drift from ``DecisionModel``. On the CPU the two measured within a few percent of each
+other (``aaren-rl bench sweep``, formulation rows; docs/sweep.md); there the FLOPs bind, and
+grouping itself does not pay at DT's size.
 
 The whole update (sampling, masks, forward, backward, per-run clip, AdamW, schedule) touches only
 device tensors: the learning rates come from a step counter on the device, so the update can be
