@@ -50,11 +50,17 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from . import kernels
 from .blocks import CausalSelfAttention
-from .checkpoint import _write_atomic, load_trainer_state, resolve_checkpoint, save_checkpoint
+from .checkpoint import (
+    load_trainer_state, read_weights, remove_stale_temporaries, resolve_checkpoint, save_checkpoint,
+    update_checkpoint_info,
+)
 from .data import FlatEpisodes, TrajectoryDataset
 from .data.sampling import _randint
 from .model import DecisionModel, ModelConfig
-from .train import TrainConfig, make_optimizer, portable_state, resolve_compile, resolve_device
+from .train import (
+    TrainConfig, default_target_return, make_optimizer, portable_state, resolve_compile, resolve_device,
+    resume_differences,
+)
 
 # what may differ between the runs of one group (everything else must be equal)
 PER_RUN_TRAIN = ("seed", "learning_rate", "weight_decay", "warmup_steps", "grad_clip", "env_id",
@@ -461,10 +467,8 @@ class RunGroup:
     @torch.no_grad()
     def load_run(self, r: int, folder: Path) -> int:
         """Run r from a checkpoint written by ``train()`` or by a group; returns its step."""
-        from safetensors.torch import load_file
-
         model = self.models[r]
-        model.load_state_dict(load_file(folder / "model.safetensors"))
+        model.load_state_dict(read_weights(folder))
         state = load_trainer_state(folder)
         opt = make_optimizer(model, self.runs[r].config)
         opt.load_state_dict(state["optimizer"])
@@ -494,7 +498,7 @@ class RunGroup:
 
 def _run_info(run: Run) -> dict:
     env_id = run.config.env_id or run.dataset.env_id
-    target = run.config.target_return if run.config.target_return is not None else run.dataset.return_max
+    target = run.config.target_return if run.config.target_return is not None else default_target_return(run.dataset)
     return {"train": asdict(run.config), "dataset": run.dataset.summary(), "env_id": env_id, "target_return": target}
 
 
@@ -566,11 +570,9 @@ def record_evaluation(run: Run, result: dict, step: int, writer=None) -> dict:
         writer.add_scalar("eval/normalized_score", result["normalized_score_mean"], step)
     if own:
         writer.close()
-    last = {k: v for k, v in result.items() if k not in ("returns", "lengths")}
+    last = {"step": step, **{k: v for k, v in result.items() if k not in ("returns", "lengths", "folder")}}
     folder = Path(result["folder"]) if "folder" in result else resolve_checkpoint(run.logdir / "checkpoints")
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["last_eval"] = last
-    _write_atomic(folder / "config.json", json.dumps(cfg, indent=2))
+    update_checkpoint_info(folder, {"last_eval": last})
     return last
 
 
@@ -596,6 +598,14 @@ def train_group(runs: list[Run], resume: bool = False, progress: bool = True, ev
     for run in runs:
         run.config.validate()
     check_group(runs)
+    for run in runs:  # as train(): what a killed save left, and an environment that does not fit
+        remove_stale_temporaries(run.logdir / "checkpoints")
+        env_id = run.config.env_id or run.dataset.env_id
+        if env_id and run.config.eval_episodes > 0:
+            from .evaluate import check_env_matches
+
+            check_env_matches(env_id, run.dataset.observation_dim, run.dataset.action_dim, run.dataset.discrete,
+                              f"the dataset {run.dataset.name!r}")
     tc = runs[0].config
     dev = resolve_device(device or tc.device)
     mode = resolve_compile(tc.compile, dev)
@@ -609,7 +619,13 @@ def train_group(runs: list[Run], resume: bool = False, progress: bool = True, ev
     if resume:
         for r, d in enumerate(ckpt_dirs):
             if (d / "latest").is_file():
-                starts[r] = group.load_run(r, resolve_checkpoint(d))
+                folder = resolve_checkpoint(d)
+                changed = resume_differences(json.loads((folder / "config.json").read_text()), runs[r].model_config,
+                                             runs[r].config, runs[r].dataset)
+                if changed:
+                    raise ValueError(f"cannot resume {runs[r].logdir}: settings differ from the saved run's "
+                                     f"(saved -> given): {'; '.join(changed)}")
+                starts[r] = group.load_run(r, folder)
         if len(set(starts)) > 1:
             raise ValueError("runs of one group must resume from the same step, got "
                              f"{dict(zip([r.name for r in runs], starts))}")

@@ -28,7 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .recording import RawEpisode, RecordingVecEnv, rollout
-from .writers import minari_dataset_exists, write_hdf5, write_json, write_minari
+from ..output import write_json
+from .writers import minari_dataset_exists, write_hdf5, write_minari
 
 TIERS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 ACTIVATIONS = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU, "elu": torch.nn.ELU}
