@@ -45,7 +45,8 @@ def model_config(ds, backbone, context, dropout=0.1):
                             n_head=2, dropout=dropout)
 
 
-@pytest.mark.parametrize("backbone,context", [("aaren", "window"), ("transformer", "window"), ("aaren", "episode"),
+@pytest.mark.parametrize("backbone,context", [("aaren", "window"), ("transformer", "window"),
+                                              pytest.param("aaren", "episode", marks=pytest.mark.slow),
                                               pytest.param("transformer", "episode", marks=pytest.mark.slow)])
 def test_run_in_a_group_equals_the_run_alone(tmp_path, backbone, context):
     """Loss and gradient norm at every logged step within 1e-4 relative, dropout on, float32 CPU;

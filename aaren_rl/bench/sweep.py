@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..output import cell, write_json
 from . import common
 
 AGENTS = {  # name: model overrides, batch size
@@ -36,26 +37,6 @@ AGENTS = {  # name: model overrides, batch size
     "decision_aaren/episode": (dict(backbone="aaren", context="episode"), 16),
 }
 TARGET_AGGREGATE = 20_000.0  # run-updates/s on one H200, window agents at DT's size
-
-
-def _fmt(x, unit: str = "", nd: int = 2) -> str:
-    """A table cell: a number, or '-'."""
-    return "-" if x is None else f"{x:.{nd}f}{unit}"
-
-
-def _write_json(path, payload: dict) -> None:
-    """Written atomically: a killed benchmark leaves the previous file whole."""
-    import json
-    import os
-    import tempfile
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def _rss_mb() -> float:
@@ -263,9 +244,9 @@ def table_groups(rows: list[dict]) -> str:
             lines.append(f"| {r['agent']} | {r['mode']} | {r['runs_per_group']} | {r['status'][:60]} | | | | | | |")
             continue
         lines.append(f"| {r['agent']} | {r['mode']} | {r['runs_per_group']} | {r['group_updates_per_s']:.1f} | "
-                     f"{r['aggregate_updates_per_s']:.1f} | {_fmt(r['vs_solo'], 'x', 1)} | "
-                     f"{r['aggregate_updates_per_s'] / TARGET_AGGREGATE:.3f} | {_fmt(r['setup_s'], nd=1)} | "
-                     f"{_fmt(r['state_mb'], nd=1)} | {_fmt(r['peak_mem_mb'], nd=0)} |")
+                     f"{r['aggregate_updates_per_s']:.1f} | {cell(r['vs_solo'], 'x', 1)} | "
+                     f"{r['aggregate_updates_per_s'] / TARGET_AGGREGATE:.3f} | {cell(r['setup_s'], nd=1)} | "
+                     f"{cell(r['state_mb'], nd=1)} | {cell(r['peak_mem_mb'], nd=0)} |")
     return "\n".join(lines)
 
 
@@ -325,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
         size["batch"] = args.batch
 
     def save():
-        _write_json(path, dict(
+        write_json(path, dict(
             benchmark="sweep", machine=info, model=size,
             method=("aggregate_updates_per_s = runs per group x group updates/s (median round of N updates, one "
                     "sync per round); vs_solo: over one run through train.UpdateStep in the same mode; memory: "
@@ -360,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
                 groups.append(asdict(r))
                 if r.status == "ok":
                     print(f"{agent} {mode} R={R}: {r.aggregate_updates_per_s:.1f} run-updates/s "
-                          f"({_fmt(r.vs_solo, 'x', 1)} one run)", flush=True)
+                          f"({cell(r.vs_solo, 'x', 1)} one run)", flush=True)
                 save()
     if args.formulation_runs:
         formulation.extend(measure_formulation(args.formulation_runs, device, tokens=args.formulation_tokens))

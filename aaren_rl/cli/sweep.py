@@ -221,7 +221,7 @@ def read_spec(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from aaren_rl.cli.evaluate import write_json_atomic
+    from aaren_rl.output import write_json
     from aaren_rl.group import evaluate_job, evaluation_jobs, record_evaluation, train_group
 
     if args.threads:
@@ -260,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
                     row.update({k: ev.get(k) for k in ("episodes", "return_mean", "return_std", "normalized_score_mean",
                                                        "normalized_score_std", "policy_ms_per_step", "eval_seconds")})
             rows.append(row)
-        write_json_atomic(out / "sweep.json", {"spec": {k: v for k, v in spec.items()}, "runs": rows})
+        write_json(out / "sweep.json", {"spec": {k: v for k, v in spec.items()}, "runs": rows})
 
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
