@@ -23,6 +23,8 @@ SOURCES = ["pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "aaren_rl",
 
 
 def run(cmd, cwd, env=None, timeout=300):
+    if env is None:  # a PYTHONPATH reaching a checkout (its .egg-info) would make pip skip the wheel
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
