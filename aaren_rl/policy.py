@@ -87,10 +87,15 @@ class StreamingPolicy:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model = model.eval()
+        self._bind(model.config, target_return, mode, make_backend(model, mode, backend))
+
+    def _bind(self, config, target_return: float, mode: str, backend) -> None:
+        """What acting needs besides the backend: the config's dims and action range (a
+        ``ModelConfig``, or anything with its fields: an exported policy's spec)."""
         self.target_return = float(target_return)
         self.mode = mode
-        self.backend = make_backend(model, mode, backend)
-        c = model.config
+        self.backend = backend
+        c = config
         self.observation_dim, self.action_dim, self.discrete = c.observation_dim, c.action_dim, c.discrete
         if not c.discrete:  # env units <-> the model's [-1, 1]
             low, high = np.asarray(c.action_low, np.float32), np.asarray(c.action_high, np.float32)
@@ -198,6 +203,9 @@ def _check_finite(name: str, x: np.ndarray) -> None:
 
 
 def _sample(logits: np.ndarray) -> np.ndarray:
-    import torch  # PyTorch's generator, so that torch.manual_seed makes runs repeatable
-
+    try:
+        import torch  # PyTorch's generator, so that torch.manual_seed makes runs repeatable
+    except ImportError:  # acting without PyTorch (an exported policy): NumPy's generator, Gumbel-max
+        g = -np.log(-np.log(np.random.default_rng().random(np.shape(logits))))
+        return (np.asarray(logits) + g).argmax(-1)
     return torch.distributions.Categorical(logits=torch.from_numpy(np.array(logits))).sample().numpy()

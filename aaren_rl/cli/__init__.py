@@ -1,4 +1,4 @@
-"""The ``aaren-rl`` command line: ``collect``, ``train``, ``sweep``, ``evaluate``, ``bench``, ``demo``.
+"""The ``aaren-rl`` command line: ``collect``, ``train``, ``sweep``, ``evaluate``, ``export``, ``bench``, ``demo``.
 
 Each subcommand lives in its own module with ``add_arguments(parser)`` and ``run(args)``; this
 module only dispatches. ``python -m aaren_rl`` is the same command.
@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "train": "train an agent on an offline dataset",
     "sweep": "train agents x datasets x seeds, compatible runs together as batched groups; resumable",
     "evaluate": "evaluate a checkpoint in a gymnasium environment",
+    "export": "export a checkpoint's streaming step as ONNX, to act without PyTorch",
     "bench": "benchmarks: Aaren vs Transformer speed and memory",
     "demo": "the main job: collect, train, evaluate and plot on a quick environment",
 }

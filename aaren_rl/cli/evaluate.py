@@ -14,7 +14,8 @@ from .presets import available, resolve_env
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a run folder, its checkpoints folder, or one checkpoint folder")
+    p.add_argument("checkpoint", help="a run folder, its checkpoints folder, one checkpoint folder, or a folder "
+                                      "written by aaren-rl export (run in ONNX Runtime)")
     p.add_argument("--env", help=f"gymnasium id or env preset ({', '.join(available('envs'))}) "
                                  f"(default: the checkpoint's)")
     p.add_argument("--episodes", type=int, default=10, help="episodes, run up to 16 at a time (default: 10)")
@@ -37,15 +38,23 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from aaren_rl.checkpoint import load_checkpoint
-    from aaren_rl.evaluate import check_video_dependencies, evaluate_policy, record_video
+    from aaren_rl.evaluate import check_env_matches, check_video_dependencies, evaluate_policy, record_video
     from aaren_rl.policy import StreamingPolicy
+    from aaren_rl.runtime import OnnxPolicy, is_exported, read_spec
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.video and Path(args.video).suffix not in (".gif", ".mp4"):
         raise SystemExit(f"error: --video must end in .gif or .mp4, got {args.video}")
+    exported = is_exported(args.checkpoint)
     try:
-        model, info = load_checkpoint(args.checkpoint, device=args.device)
+        if exported:
+            if args.mode == "window":
+                raise ValueError("an exported policy streams (recurrent mode); --mode window needs the checkpoint")
+            spec = read_spec(args.checkpoint)
+            model, info = None, {"env_id": spec.get("env_id"), "target_return": spec.get("target_return")}
+        else:
+            model, info = load_checkpoint(args.checkpoint, device=args.device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     env = resolve_env(args.env) if args.env else resolve_env(info.get("env_id") or "")
@@ -68,7 +77,13 @@ def run(args: argparse.Namespace) -> int:
     ref_max = env["ref_max"] if env["ref_max"] is not None else ds.get("ref_max_score")
     print(f"evaluating {args.checkpoint} in {env['env_id']}, {args.episodes} episodes, target return {target:g} ({how})")
     try:
-        policy = StreamingPolicy(model, target, mode=args.mode)
+        if exported:
+            policy = OnnxPolicy(args.checkpoint, target, threads=args.threads)
+        else:
+            policy = StreamingPolicy(model, target, mode=args.mode)
+        c = policy.config if exported else model.config
+        check_env_matches(env["env_id"], c.observation_dim, c.action_dim, c.discrete,
+                          f"the exported policy {args.checkpoint}" if exported else "the model")
         res = evaluate_policy(policy, env["env_id"], args.episodes, seed=args.seed, progress=True,
                               ref_min_score=ref_min, ref_max_score=ref_max)
     except ValueError as e:
