@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     which.add_argument("--suite", choices=sorted(SUITES), help="a named group of presets")
     p.add_argument("--tiers", nargs="+", metavar="TIER",
                    help="random medium medium-replay expert medium-expert (default: all)")
+    p.add_argument("--library", choices=["sb3", "sbx"],
+                   help="learner library: sb3 (Stable-Baselines3, with sb3-contrib's tqc/crossq) "
+                        "or sbx (sbx-rl, JAX: pip install 'aaren-rl[sbx]') (default: the preset's, else sb3)")
+    p.add_argument("--algorithm", help="learner: ppo, sac, td3, tqc, crossq, ... (default: the preset's, else ppo)")
     p.add_argument("--steps", type=int, help="learner training steps")
     p.add_argument("--episodes", type=int, help="episodes per rolled-out tier (at least)")
     p.add_argument("--tier-steps", type=int, help="steps per rolled-out tier (at least)")
@@ -37,8 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed (default 0)")
     p.add_argument("--out", default="data", help="folder for policies, HDF5 files and reports (default: data)")
     p.add_argument("--hdf5", action="store_true", help="also write D4RL-format HDF5 files")
+    p.add_argument("--results", metavar="DIR", default="",
+                   help="also write a summary report DIR/data_NAME.json, e.g. benchmarks/results "
+                        "(default: none)")
     p.add_argument("--force", action="store_true", help="replace existing datasets with the same ids")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch (and JAX) CPU threads (default 1)")
 
 
 def _slug(env_id: str) -> str:
@@ -55,6 +62,9 @@ def config_for(name: str, args: argparse.Namespace):
         settings = dict(preset.get("collect", {}))
         settings["name"] = preset["name"]
         settings["dataset_ids"] = dict(preset.get("datasets", {}))
+        for key in ("d4rl_ref_min", "d4rl_ref_max"):
+            if key in preset.get("reference", {}):
+                settings[key] = float(preset["reference"][key])
     else:
         env_id, settings = name, {"name": _slug(name)}
     known = {f.name for f in fields(CollectConfig)}
@@ -62,16 +72,22 @@ def config_for(name: str, args: argparse.Namespace):
     if unknown:
         raise SystemExit(f"error: unknown [collect] setting(s) {sorted(unknown)} in preset {name!r}; "
                          f"known: {sorted(known)}")
-    overrides = {"tiers": args.tiers, "steps": args.steps, "episodes": args.episodes,
+    overrides = {"library": args.library, "algorithm": args.algorithm,
+                 "tiers": args.tiers, "steps": args.steps, "episodes": args.episodes,
                  "tier_steps": args.tier_steps, "ref_episodes": args.ref_episodes,
                  "seed": args.seed}
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if "tiers" in settings:
         settings["tiers"] = tuple(settings["tiers"])
-    return CollectConfig(env_id=env_id, out_dir=args.out, hdf5=args.hdf5, force=args.force, **settings)
+    return CollectConfig(env_id=env_id, out_dir=args.out, hdf5=args.hdf5, force=args.force,
+                         results_dir=args.results, **settings)
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
+    if args.threads == 1 and "XLA_FLAGS" not in os.environ:  # before JAX (sbx) is imported
+        os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     import gymnasium as gym
     import torch
 

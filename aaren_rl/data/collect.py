@@ -17,6 +17,9 @@ One call to :func:`collect` does what D4RL did for its MuJoCo datasets:
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,7 +51,8 @@ class CollectConfig:
     out_dir: str = "data"
     seed: int = 0
     # learner
-    algorithm: str = "ppo"  # ppo | sac | td3 | a2c (Stable-Baselines3)
+    library: str = "sb3"  # sb3: Stable-Baselines3 (+ sb3-contrib for tqc); sbx: sbx-rl (JAX)
+    algorithm: str = "ppo"  # ppo | sac | td3 | a2c | tqc | crossq (what the library offers)
     steps: int = 100_000
     n_envs: int = 4
     normalize: bool = False  # VecNormalize observations and rewards while training
@@ -57,6 +61,8 @@ class CollectConfig:
     policy_kwargs: dict = field(default_factory=dict)
     checkpoints: int = 20  # saved evenly during training; the medium policy is one of them
     checkpoint_eval_episodes: int = 10
+    resume_every: int = 0  # save the learner's full state (replay buffer too) every so many
+    #                        steps, to continue a killed run; 0: at every checkpoint
     # datasets
     episodes: int = 100  # per rolled-out tier (at least)
     tier_steps: int = 0  # and at least this many steps per rolled-out tier
@@ -66,6 +72,9 @@ class CollectConfig:
     rollout_envs: int = 10
     hdf5: bool = False
     force: bool = False
+    results_dir: str = ""  # if set, also write the summary report results_dir/data_<name>.json
+    d4rl_ref_min: float | None = None  # D4RL's references (from the preset), for the summary
+    d4rl_ref_max: float | None = None
 
     def dataset_id(self, tier: str) -> str:
         return self.dataset_ids.get(tier) or f"aaren-rl/{self.name}/{tier}-v0"
@@ -78,26 +87,47 @@ class CollectConfig:
 # ---------------------------------------------------------------------------------- policies
 
 
-def _algorithm(name: str):
-    import stable_baselines3 as sb3
+LIBRARIES = {
+    "sb3": ("stable_baselines3", {"ppo": "PPO", "sac": "SAC", "td3": "TD3", "a2c": "A2C",
+                                  "ddpg": "DDPG"}),
+    "sb3-contrib": ("sb3_contrib", {"tqc": "TQC", "crossq": "CrossQ", "trpo": "TRPO"}),
+    "sbx": ("sbx", {"ppo": "PPO", "sac": "SAC", "td3": "TD3", "tqc": "TQC", "crossq": "CrossQ",
+                    "ddpg": "DDPG"}),
+}
+INSTALL_HINT = {"sb3-contrib": "pip install sb3-contrib", "sbx": "pip install 'aaren-rl[sbx]'"}
 
-    algos = {"ppo": sb3.PPO, "sac": sb3.SAC, "td3": sb3.TD3, "a2c": sb3.A2C}
-    if name.lower() not in algos:
-        raise ValueError(f"unknown algorithm {name!r}; expected one of {sorted(algos)}")
-    return algos[name.lower()]
+
+def _algorithm(name: str, library: str = "sb3"):
+    """The learner class ``name`` of ``library``. ``sb3`` also finds sb3-contrib's (tqc, crossq)."""
+    import importlib
+
+    if library not in ("sb3", "sbx"):
+        raise ValueError(f"unknown learner library {library!r}; expected 'sb3' or 'sbx'")
+    sources = ["sb3", "sb3-contrib"] if library == "sb3" else ["sbx"]
+    for source in sources:
+        module, names = LIBRARIES[source]
+        if name.lower() in names:
+            try:
+                return getattr(importlib.import_module(module), names[name.lower()])
+            except ImportError:
+                raise ValueError(f"algorithm {name!r} needs {module}, which is not installed: "
+                                 f"{INSTALL_HINT.get(source, 'pip install ' + module)}") from None
+    known = sorted({n for source in sources for n in LIBRARIES[source][1]})
+    raise ValueError(f"unknown algorithm {name!r} for library {library!r}; expected one of {known}")
 
 
 def _vecnormalize_path(model_path: Path) -> Path:
     return model_path.with_name(model_path.stem + "_vecnormalize.pkl")
 
 
-def load_policy(model_path, algorithm: str, env_id: str, deterministic: bool = False):
+def load_policy(model_path, algorithm: str, env_id: str, deterministic: bool = False,
+                library: str = "sb3"):
     """A saved SB3 policy as a function from a batch of raw observations to a batch of actions
     (observations normalized with the VecNormalize statistics saved beside it, if any)."""
     from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
     model_path = Path(model_path)
-    model = _algorithm(algorithm).load(model_path, device="cpu")
+    model = _algorithm(algorithm, library).load(model_path, device="cpu")
     norm = None
     if _vecnormalize_path(model_path).exists():
         norm = VecNormalize.load(str(_vecnormalize_path(model_path)),
@@ -126,66 +156,190 @@ def random_policy(env_id: str, seed: int):
 # ---------------------------------------------------------------------------------- training
 
 
-def _policy_kwargs(kwargs: dict) -> dict:
+def _policy_kwargs(kwargs: dict, library: str = "sb3") -> dict:
     kwargs = dict(kwargs)
     if isinstance(kwargs.get("activation_fn"), str):
-        kwargs["activation_fn"] = ACTIVATIONS[kwargs["activation_fn"].lower()]
+        name = kwargs["activation_fn"].lower()
+        if library == "sbx":  # flax functions, not torch modules
+            import flax.linen as nn
+
+            kwargs["activation_fn"] = getattr(nn, name)
+        else:
+            kwargs["activation_fn"] = ACTIVATIONS[name]
     return kwargs
 
 
-def train_learner(cfg: CollectConfig, policies_dir: Path):
-    """Train the SB3 learner, saving checkpoints; returns (recording env, [(step, path)], seconds)."""
+# What a saved learner state must agree on to be continued (the step count may grow).
+RESUME_KEYS = ("env_id", "seed", "library", "algorithm", "n_envs", "normalize", "hyperparameters",
+               "lr_schedule", "policy_kwargs")
+
+
+def _resume_key(cfg: CollectConfig) -> dict:
+    return json.loads(json.dumps({k: getattr(cfg, k) for k in RESUME_KEYS}))
+
+
+def machine() -> dict:
+    """Where a collection ran, for its report."""
+    import os
+    import platform
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"host": platform.node(), "cpu": cpu, "cpus": os.cpu_count(),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+class LearnerState:
+    """The learner's full state in ``policies/resume/``: model, replay buffer, VecNormalize
+    statistics, the recorded transitions and ``state.json`` (written last, so that a state without
+    it is ignored). Each save replaces the previous one atomically (a new folder, renamed)."""
+
+    def __init__(self, policies_dir: Path):
+        self.dir = policies_dir / "resume"
+
+    def load_meta(self) -> dict | None:
+        try:
+            return json.loads((self.dir / "state.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def save(self, model, norm, recording: RecordingVecEnv, meta: dict) -> None:
+        tmp = self.dir.with_name(self.dir.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.save(tmp / "model.zip")
+        if hasattr(model, "save_replay_buffer") and getattr(model, "replay_buffer", None) is not None:
+            model.save_replay_buffer(tmp / "replay_buffer.pkl")
+        if norm is not None:
+            norm.save(str(tmp / "vecnormalize.pkl"))
+        with open(tmp / "recording.pkl", "wb") as f:
+            pickle.dump(recording.snapshot(), f, protocol=pickle.HIGHEST_PROTOCOL)
+        write_json(tmp / "state.json", meta)
+        old = self.dir.with_name(self.dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.dir.exists():
+            os.replace(self.dir, old)
+        os.replace(tmp, self.dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def clear(self) -> None:
+        for d in (self.dir, self.dir.with_name(self.dir.name + ".partial"),
+                  self.dir.with_name(self.dir.name + ".old")):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def train_learner(cfg: CollectConfig, policies_dir: Path, log=print):
+    """Train the learner, saving checkpoints and (every ``resume_every`` steps) its full state, so
+    that a killed run continues where it was saved; returns (recording env, [(step, path)], info)
+    with info = {"train_seconds", "resumed_from", "sessions"}."""
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import VecNormalize
 
     policies_dir.mkdir(parents=True, exist_ok=True)
-    for stale in policies_dir.glob("checkpoint_*"):  # from an earlier or interrupted run
-        stale.unlink()
-    recording = RecordingVecEnv(make_vec_env(cfg.env_id, n_envs=cfg.n_envs, seed=cfg.seed))
-    env = VecNormalize(recording, gamma=cfg.hyperparameters.get("gamma", 0.99)) if cfg.normalize else recording
+    state = LearnerState(policies_dir)
+    meta = state.load_meta()
+    if meta is not None and (meta.get("key") != _resume_key(cfg) or meta["step"] > cfg.steps):
+        log(f"{cfg.name}: the saved learner state in {state.dir} is of other settings; starting over")
+        meta = None
+    if meta is None:
+        state.clear()
+        for stale in policies_dir.glob("checkpoint_*"):  # from an earlier or interrupted run
+            stale.unlink()
+    start_step = meta["step"] if meta else 0
+    every = max(cfg.steps // max(cfg.checkpoints, 1), 1)
+    save_every = cfg.resume_every or every
+    algo = _algorithm(cfg.algorithm, cfg.library)
+
+    # A resumed run gets fresh env seeds (derived from the step it continues from): its data is
+    # whole and seeded, though not the same as that of an uninterrupted run.
+    env_seed = cfg.seed + start_step
+    recording = RecordingVecEnv(make_vec_env(cfg.env_id, n_envs=cfg.n_envs, seed=env_seed))
+    if meta:
+        with open(state.dir / "recording.pkl", "rb") as f:
+            recording.restore(pickle.load(f))
+    env = recording
+    if cfg.normalize:
+        if meta:
+            env = VecNormalize.load(str(state.dir / "vecnormalize.pkl"), recording)
+        else:
+            env = VecNormalize(recording, gamma=cfg.hyperparameters.get("gamma", 0.99))
     hyperparameters = dict(cfg.hyperparameters)
     if cfg.lr_schedule == "linear":
         lr = hyperparameters.get("learning_rate", 3e-4)
         hyperparameters["learning_rate"] = lambda progress_remaining: progress_remaining * lr
     elif cfg.lr_schedule != "constant":
         raise ValueError(f"lr_schedule must be 'constant' or 'linear', got {cfg.lr_schedule!r}")
-    model = _algorithm(cfg.algorithm)(
-        "MlpPolicy", env, seed=cfg.seed, device="cpu", verbose=0,
-        policy_kwargs=_policy_kwargs(cfg.policy_kwargs), **hyperparameters,
-    )
-    every = max(cfg.steps // max(cfg.checkpoints, 1), 1)
-    saved: list[tuple[int, Path]] = []
+    device = {} if cfg.library == "sbx" else {"device": "cpu"}
+    if meta:
+        custom = {"learning_rate": hyperparameters["learning_rate"]} if cfg.lr_schedule == "linear" else {}
+        model = algo.load(state.dir / "model.zip", env=env, custom_objects=custom or None, **device)
+        if (state.dir / "replay_buffer.pkl").exists():
+            model.load_replay_buffer(state.dir / "replay_buffer.pkl")
+        model.set_random_seed(env_seed)
+        saved = [(s, Path(p)) for s, p in meta["checkpoints"]]
+        sessions = list(meta["sessions"])
+        log(f"{cfg.name}: resuming the learner at step {start_step} of {cfg.steps} "
+            f"(state saved in {state.dir})")
+    else:
+        model = algo("MlpPolicy", env, seed=cfg.seed, verbose=0,
+                     policy_kwargs=_policy_kwargs(cfg.policy_kwargs, cfg.library), **hyperparameters,
+                     **device)
+        saved, sessions = [], []
+    session = {"from_step": start_step, "to_step": start_step, "seconds": 0.0, "machine": machine()}
+    start = time.perf_counter()
 
     def save(path: Path):
         model.save(path)
         if cfg.normalize:
             env.save(str(_vecnormalize_path(path)))
 
-    class Checkpoints(BaseCallback):
-        def _on_training_start(self):
-            self.bar = tqdm(total=cfg.steps, desc=f"{cfg.name}: train {cfg.algorithm}", unit="step")
-            self.next = every
+    def save_state(step: int, finished: bool):
+        session["to_step"], session["seconds"] = step, time.perf_counter() - start
+        state.save(model, env if cfg.normalize else None, recording,
+                   {"key": _resume_key(cfg), "step": step, "finished": finished,
+                    "checkpoints": [(s, str(p)) for s, p in saved], "sessions": sessions})
 
-        def _on_step(self):
-            self.bar.update(self.training_env.num_envs)
-            if self.num_timesteps >= self.next and self.num_timesteps < cfg.steps:
-                path = policies_dir / f"checkpoint_{self.num_timesteps:09d}.zip"
-                save(path)
-                saved.append((self.num_timesteps, path))
-                self.next += every
-            return True
+    remaining = cfg.steps - start_step
+    if not (meta and meta.get("finished") and remaining <= 0):
+        sessions.append(session)
+        class Checkpoints(BaseCallback):
+            def _on_training_start(self):
+                self.bar = tqdm(total=cfg.steps, initial=start_step, unit="step",
+                                desc=f"{cfg.name}: train {cfg.library} {cfg.algorithm}")
+                self.next = (start_step // every + 1) * every
+                self.next_state = (start_step // save_every + 1) * save_every
 
-        def _on_training_end(self):
-            self.bar.close()
+            def _on_step(self):
+                self.bar.update(self.training_env.num_envs)
+                if self.num_timesteps >= self.next and self.num_timesteps < cfg.steps:
+                    path = policies_dir / f"checkpoint_{self.num_timesteps:09d}.zip"
+                    save(path)
+                    saved.append((self.num_timesteps, path))
+                    self.next += every
+                if self.num_timesteps >= self.next_state and self.num_timesteps < cfg.steps:
+                    save_state(self.num_timesteps, False)
+                    self.next_state += save_every
+                return True
 
-    start = time.perf_counter()
-    model.learn(cfg.steps, callback=Checkpoints())
-    seconds = time.perf_counter() - start
-    expert_path = policies_dir / "expert.zip"
-    save(expert_path)
-    saved.append((model.num_timesteps, expert_path))
-    return recording, saved, seconds
+            def _on_training_end(self):
+                self.bar.close()
+
+        if remaining > 0:
+            model.learn(remaining, callback=Checkpoints(), reset_num_timesteps=not meta)
+        expert_path = policies_dir / "expert.zip"
+        save(expert_path)
+        saved = [(s, p) for s, p in saved if p != expert_path] + [(model.num_timesteps, expert_path)]
+        save_state(model.num_timesteps, True)
+    info = {"train_seconds": sum(s["seconds"] for s in sessions), "resumed_from": start_step or None,
+            "sessions": sessions}
+    return recording, saved, info
 
 
 # ---------------------------------------------------------------------------------- collection
@@ -220,10 +374,10 @@ def collect(cfg: CollectConfig) -> dict:
     report = {"env_id": cfg.env_id, "config": asdict(cfg), "status": "running"}
 
     # 1. the learner
-    recording, checkpoints, train_seconds = train_learner(cfg, folder / "policies")
-    report["train_seconds"] = train_seconds
+    recording, checkpoints, info = train_learner(cfg, folder / "policies")
+    report.update(info)
     report["trained_steps"] = checkpoints[-1][0]  # SB3 rounds up to whole rollouts
-    policy = lambda path: load_policy(path, cfg.algorithm, cfg.env_id, cfg.deterministic)
+    policy = lambda path: load_policy(path, cfg.algorithm, cfg.env_id, cfg.deterministic, cfg.library)
     expert_step, expert_path = checkpoints[-1]
 
     # 2. references
@@ -298,9 +452,38 @@ def collect(cfg: CollectConfig) -> dict:
                                            action_low=low, action_high=high, tier=tier))
         report["tiers"][tier] = entry
     report["total_seconds"] = time.perf_counter() - t_start
+    report["machine"] = machine()
     report["status"] = "complete"
+    if cfg.results_dir:
+        write_json(Path(cfg.results_dir) / f"data_{cfg.name}.json", summary(cfg, report))
     write_json(folder / "report.json", report)
     return report
+
+
+def summary(cfg: CollectConfig, report: dict) -> dict:
+    """The short report of one environment's datasets (``benchmarks/results/data_<name>.json``)."""
+    lo, hi = cfg.d4rl_ref_min, cfg.d4rl_ref_max
+    d4rl = (lambda r: 100 * (r - lo) / (hi - lo)) if lo is not None and hi is not None else None
+    tiers = {}
+    for tier, t in report["tiers"].items():
+        tiers[tier] = {k: t[k] for k in ("episodes", "steps", "return_mean", "return_std",
+                                         "return_min", "return_max", "dataset_id")}
+        if d4rl:
+            tiers[tier]["d4rl_normalized"] = d4rl(t["return_mean"])
+    learner = {k: getattr(cfg, k) for k in ("library", "algorithm", "n_envs", "normalize",
+                                            "lr_schedule", "hyperparameters", "policy_kwargs")}
+    settings = {k: getattr(cfg, k) for k in ("seed", "steps", "checkpoints", "checkpoint_eval_episodes",
+                                             "episodes", "tier_steps", "ref_episodes",
+                                             "deterministic", "medium_fraction", "rollout_envs")}
+    return {
+        "env_id": cfg.env_id, "ref_min_score": report["ref_min_score"],
+        "ref_max_score": report["ref_max_score"], "d4rl_ref_min": lo, "d4rl_ref_max": hi,
+        "expert_d4rl_normalized": d4rl(report["ref_max_score"]) if d4rl else None,
+        "tiers": tiers, "learner": learner, "settings": settings,
+        "steps": report["trained_steps"], "train_seconds": report["train_seconds"],
+        "total_seconds": report["total_seconds"], "training_sessions": report["sessions"],
+        "medium": report["medium"], "machine": report["machine"],
+    }
 
 
 def markdown_table(reports: list[dict]) -> str:

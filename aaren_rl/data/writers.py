@@ -110,12 +110,17 @@ def write_hdf5(path: str | os.PathLike, episodes: list[RawEpisode], env_id: str,
     partial = path.with_name(path.name + ".partial")
     try:
         with h5py.File(partial, "w") as f:
-            f["observations"] = np.concatenate([ep.observations[:-1] for ep in episodes])
-            f["next_observations"] = np.concatenate([ep.observations[1:] for ep in episodes])
-            f["actions"] = np.concatenate([ep.actions for ep in episodes])
-            f["rewards"] = np.concatenate([ep.rewards for ep in episodes])
-            f["terminals"] = ends("terminated")
-            f["timeouts"] = ends("truncated")
+            # D4RL's dtypes (float32 observations, actions and rewards), compressed
+            put = lambda name, x: f.create_dataset(name, data=x, compression="gzip",
+                                                   compression_opts=4, shuffle=True)
+            f32 = lambda arrays: np.concatenate(arrays).astype(np.float32)
+            put("observations", f32([ep.observations[:-1] for ep in episodes]))
+            put("next_observations", f32([ep.observations[1:] for ep in episodes]))
+            actions = np.concatenate([ep.actions for ep in episodes])
+            put("actions", actions.astype(np.float32) if actions.dtype.kind == "f" else actions)
+            put("rewards", f32([ep.rewards for ep in episodes]))
+            put("terminals", ends("terminated"))
+            put("timeouts", ends("truncated"))
             f.attrs["env_id"] = env_id
             for key, value in dict(ref_min_score=ref_min_score, ref_max_score=ref_max_score,
                                    action_low=action_low, action_high=action_high, **attrs).items():
