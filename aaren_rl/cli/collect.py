@@ -1,7 +1,7 @@
-"""``aaren-rl collect``: train a Stable-Baselines3 learner and write D4RL-style dataset tiers.
+"""``aaren-rl collect``: train a Stable-Baselines3 (or sbx) learner and write D4RL-style dataset tiers.
 
     aaren-rl collect --env pendulum --hdf5                 # the quick demo environment
-    aaren-rl collect --suite locomotion --hdf5             # hopper, halfcheetah, walker2d
+    aaren-rl collect --suite locomotion --hdf5             # hopper, halfcheetah, walker2d, ant
     aaren-rl collect --env CartPole-v1 --steps 50000       # any gymnasium id, default settings
 
 Settings come from the env preset's ``[collect]`` table (``envs/NAME.toml``); options given here
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .presets import available, load_preset
 
-SUITES = {"locomotion": ["hopper", "halfcheetah", "walker2d"]}
+SUITES = {"locomotion": ["hopper", "halfcheetah", "walker2d", "ant"]}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     import gymnasium as gym
     import torch
 
-    from aaren_rl.data.collect import collect, markdown_table
+    from aaren_rl.data.collect import CollectError, collect, markdown_table
 
     torch.set_num_threads(args.threads)
     names = SUITES[args.suite] if args.suite else args.env
@@ -106,11 +106,22 @@ def run(args: argparse.Namespace) -> int:
     for cfg in configs:
         try:
             report = collect(cfg)
+        except CollectError as e:
+            if len(configs) == 1:
+                raise SystemExit(f"error: {e}") from None
+            print(f"\n{cfg.env_id}: collection FAILED: {e}", file=sys.stderr)
+            failed.append(cfg.env_id)
+            continue
         except Exception as e:  # one environment failing should not lose the others of a suite
             if len(configs) == 1:
                 raise
             print(f"\n{cfg.env_id}: collection FAILED: {type(e).__name__}: {e}", file=sys.stderr)
             failed.append(cfg.env_id)
+            continue
+        if report.get("skipped"):
+            print(f"\n{cfg.env_id}: already complete ({cfg.folder / 'report.json'}); "
+                  "not redone (--force rebuilds its datasets)")
+            summary.append({"env_id": cfg.env_id, "report": str(cfg.folder / "report.json")})
             continue
         print(f"\n{cfg.env_id}: trained {cfg.steps} steps in {report['train_seconds']:.0f} s, "
               f"total {report['total_seconds']:.0f} s; ref_min {report['ref_min_score']:.1f}, "

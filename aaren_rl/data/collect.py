@@ -31,13 +31,25 @@ import torch
 from tqdm.auto import tqdm
 
 from .recording import RawEpisode, RecordingVecEnv, rollout
-from .writers import minari_dataset_exists, write_hdf5, write_json, write_minari
+from .writers import (clean_stale_staging, minari_dataset_exists, minari_root, publish_minari,
+                      stage_minari, write_hdf5, write_json)
 
 TIERS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 ACTIVATIONS = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU, "elu": torch.nn.ELU}
 # Different seed streams for each use of randomness, so that changing one leaves the others alone.
 SEED_OFFSETS = {"random": 1000, "medium": 2000, "expert": 3000, "ref_min": 4000, "ref_max": 5000,
                 "checkpoints": 6000}
+
+
+class CollectError(ValueError):
+    """A collection that cannot go on, with a message for the user (the CLI prints it as is)."""
+
+
+def _read_report(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass
@@ -69,6 +81,7 @@ class CollectConfig:
     ref_episodes: int = 100  # episodes averaged for ref_min_score / ref_max_score
     deterministic: bool = False  # act with the policy's mean action (else sample, as D4RL did)
     medium_fraction: float = 1 / 3
+    check_references: bool = True  # refuse to write datasets whose expert is no better than random
     rollout_envs: int = 10
     hdf5: bool = False
     force: bool = False
@@ -94,6 +107,7 @@ LIBRARIES = {
     "sbx": ("sbx", {"ppo": "PPO", "sac": "SAC", "td3": "TD3", "tqc": "TQC", "crossq": "CrossQ",
                     "ddpg": "DDPG"}),
 }
+LIBRARY_NAMES = {"sb3": "stable-baselines3", "sbx": "sbx-rl"}
 INSTALL_HINT = {"sb3-contrib": "pip install sb3-contrib", "sbx": "pip install 'aaren-rl[sbx]'"}
 
 
@@ -102,7 +116,7 @@ def _algorithm(name: str, library: str = "sb3"):
     import importlib
 
     if library not in ("sb3", "sbx"):
-        raise ValueError(f"unknown learner library {library!r}; expected 'sb3' or 'sbx'")
+        raise CollectError(f"unknown learner library {library!r}; expected 'sb3' or 'sbx'")
     sources = ["sb3", "sb3-contrib"] if library == "sb3" else ["sbx"]
     for source in sources:
         module, names = LIBRARIES[source]
@@ -110,10 +124,10 @@ def _algorithm(name: str, library: str = "sb3"):
             try:
                 return getattr(importlib.import_module(module), names[name.lower()])
             except ImportError:
-                raise ValueError(f"algorithm {name!r} needs {module}, which is not installed: "
+                raise CollectError(f"algorithm {name!r} needs {module}, which is not installed: "
                                  f"{INSTALL_HINT.get(source, 'pip install ' + module)}") from None
     known = sorted({n for source in sources for n in LIBRARIES[source][1]})
-    raise ValueError(f"unknown algorithm {name!r} for library {library!r}; expected one of {known}")
+    raise CollectError(f"unknown algorithm {name!r} for library {library!r}; expected one of {known}")
 
 
 def _vecnormalize_path(model_path: Path) -> Path:
@@ -204,6 +218,9 @@ class LearnerState:
         self.dir = policies_dir / "resume"
 
     def load_meta(self) -> dict | None:
+        old = self.dir.with_name(self.dir.name + ".old")
+        if not self.dir.exists() and old.exists():  # stopped between the two renames of a save
+            os.replace(old, self.dir)
         try:
             return json.loads((self.dir / "state.json").read_text())
         except (OSError, ValueError):
@@ -275,7 +292,7 @@ def train_learner(cfg: CollectConfig, policies_dir: Path, log=print):
         lr = hyperparameters.get("learning_rate", 3e-4)
         hyperparameters["learning_rate"] = lambda progress_remaining: progress_remaining * lr
     elif cfg.lr_schedule != "constant":
-        raise ValueError(f"lr_schedule must be 'constant' or 'linear', got {cfg.lr_schedule!r}")
+        raise CollectError(f"lr_schedule must be 'constant' or 'linear', got {cfg.lr_schedule!r}")
     device = {} if cfg.library == "sbx" else {"device": "cpu"}
     if meta:
         custom = {"learning_rate": hyperparameters["learning_rate"]} if cfg.lr_schedule == "linear" else {}
@@ -363,15 +380,28 @@ def collect(cfg: CollectConfig) -> dict:
     """Train, measure references, roll out and write the tiers; returns (and writes) the report."""
     unknown = set(cfg.tiers) - set(TIERS)
     if unknown:
-        raise ValueError(f"unknown tier(s) {sorted(unknown)}; expected some of {list(TIERS)}")
-    gym.spec(cfg.env_id)  # fail now on an unknown env id, not after training
-    existing = [cfg.dataset_id(t) for t in cfg.tiers if minari_dataset_exists(cfg.dataset_id(t))]
-    if existing and not cfg.force:
-        raise FileExistsError(f"Minari dataset(s) {existing} already exist; pass --force to replace them")
-    t_start = time.perf_counter()
+        raise CollectError(f"unknown tier(s) {sorted(unknown)}; expected some of {list(TIERS)}")
+    gym.spec(cfg.env_id)  # fail now on an unknown env id or learner, not after training
+    _algorithm(cfg.algorithm, cfg.library)
     folder = cfg.folder
+    clean_stale_staging()  # left by a writer killed with -9
+    for stale in folder.glob("*.partial"):
+        stale.unlink()
+    previous = _read_report(folder / "report.json")
+    ours = set(previous.get("publishing", [])) if previous else set()
+    existing = [t for t in cfg.tiers if minari_dataset_exists(cfg.dataset_id(t))]
+    if previous and previous.get("status") == "complete" and not cfg.force \
+            and set(cfg.tiers) <= set(previous.get("tiers", {})) and len(existing) == len(cfg.tiers):
+        return {**previous, "skipped": True}
+    foreign = [cfg.dataset_id(t) for t in existing if cfg.dataset_id(t) not in ours]
+    if foreign and not cfg.force:
+        raise CollectError(
+            f"Minari dataset(s) {', '.join(foreign)} already exist under {minari_root()} and are not "
+            f"from an unfinished run in {folder}; pass --force to replace them")
+    t_start = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     report = {"env_id": cfg.env_id, "config": asdict(cfg), "status": "running"}
+    write_json(folder / "report.json", report)  # not complete: a rerun continues this one
 
     # 1. the learner
     recording, checkpoints, info = train_learner(cfg, folder / "policies")
@@ -388,6 +418,13 @@ def collect(cfg: CollectConfig) -> dict:
     ref_min = _stats(ref_min_eps)["return_mean"]
     ref_max = _stats(ref_max_eps)["return_mean"]
     report.update(ref_min_score=ref_min, ref_max_score=ref_max, ref_episodes=cfg.ref_episodes)
+    if cfg.check_references and not ref_max > ref_min:
+        write_json(folder / "report.json", {**report, "status": "failed: expert no better than random"})
+        raise CollectError(
+            f"{cfg.env_id}: the expert ({cfg.library} {cfg.algorithm}, {report['trained_steps']} steps) "
+            f"returns {ref_max:.1f}, no better than the random policy's {ref_min:.1f}, so normalized "
+            f"scores would be meaningless; no dataset written. Train longer (a larger --steps "
+            f"continues this learner) or change the learner's settings")
 
     # 3. the medium checkpoint
     target = ref_min + cfg.medium_fraction * (ref_max - ref_min)
@@ -436,21 +473,40 @@ def collect(cfg: CollectConfig) -> dict:
     low = getattr(env.action_space, "low", None)
     high = getattr(env.action_space, "high", None)
     env.close()
+    # Every tier is built in a staging place first and published together at the end, so that
+    # a stopped run leaves no dataset that looks complete; the report says what is being published
+    # so that a rerun may replace it without --force.
     report["tiers"] = {}
-    for tier in cfg.tiers:
-        episodes = data[tier]
-        dataset_id = cfg.dataset_id(tier)
-        write_minari(dataset_id, episodes, cfg.env_id, ref_min_score=ref_min, ref_max_score=ref_max,
-                     algorithm_name=f"{cfg.algorithm.upper()} (stable-baselines3), {tier} tier",
-                     description=f"aaren-rl {tier} tier of {cfg.env_id}", force=cfg.force)
-        entry = {"dataset_id": dataset_id, **_stats(episodes)}
-        if tier in tier_seconds:
-            entry["rollout_seconds"] = tier_seconds[tier]
-        if cfg.hdf5:
-            entry["hdf5"] = str(write_hdf5(folder / f"{tier}.hdf5", episodes, cfg.env_id,
-                                           ref_min_score=ref_min, ref_max_score=ref_max,
-                                           action_low=low, action_high=high, tier=tier))
-        report["tiers"][tier] = entry
+    staged = {}
+    try:
+        for tier in tqdm(cfg.tiers, desc=f"{cfg.name}: write", leave=False):
+            episodes = data[tier]
+            dataset_id = cfg.dataset_id(tier)
+            staged[tier] = [stage_minari(
+                dataset_id, episodes, cfg.env_id, ref_min_score=ref_min, ref_max_score=ref_max,
+                algorithm_name=f"{cfg.algorithm.upper()} ({LIBRARY_NAMES[cfg.library]}), {tier} tier",
+                description=f"aaren-rl {tier} tier of {cfg.env_id}")]
+            entry = {"dataset_id": dataset_id, **_stats(episodes)}
+            if tier in tier_seconds:
+                entry["rollout_seconds"] = tier_seconds[tier]
+            if cfg.hdf5:
+                staged[tier].append(write_hdf5(folder / f"{tier}.hdf5", episodes, cfg.env_id,
+                                               ref_min_score=ref_min, ref_max_score=ref_max,
+                                               action_low=low, action_high=high, tier=tier,
+                                               publish=False))
+                entry["hdf5"] = str(folder / f"{tier}.hdf5")
+            report["tiers"][tier] = entry
+        write_json(folder / "report.json", {**report, "status": "publishing",
+                                            "publishing": [cfg.dataset_id(t) for t in cfg.tiers]})
+        for tier, (minari_staging, *hdf5) in staged.items():
+            publish_minari(cfg.dataset_id(tier), minari_staging)
+            if hdf5:
+                os.replace(hdf5[0], folder / f"{tier}.hdf5")
+    finally:
+        for minari_staging, *hdf5 in staged.values():
+            shutil.rmtree(minari_staging, ignore_errors=True)
+            for path in hdf5:
+                Path(path).unlink(missing_ok=True)
     report["total_seconds"] = time.perf_counter() - t_start
     report["machine"] = machine()
     report["status"] = "complete"
