@@ -264,3 +264,28 @@ def test_cli_rejects_unknown_env_and_tier(tmp_path):
         main(["collect", "--env", "NoSuchEnv-v0", "--out", str(tmp_path)])
     with pytest.raises((SystemExit, ValueError), match="unknown tier"):
         main(["collect", "--env", "Pendulum-v1", "--tiers", "mediocre", "--out", str(tmp_path)])
+
+
+def test_replay_buffer_rebuilt_from_the_recording_is_the_learners_own(tmp_path):
+    from stable_baselines3 import SAC
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from aaren_rl.data.recording import RecordingVecEnv
+
+    env = RecordingVecEnv(make_vec_env("Pendulum-v1", n_envs=1, seed=0))
+    model = SAC("MlpPolicy", env, learning_starts=50, batch_size=32, buffer_size=300, seed=0, device="cpu")
+    model.learn(450)  # more than the buffer holds: it wrapped around
+    collect_module.save_episodes(tmp_path / "rec.npz", env.snapshot())
+    restored = collect_module.load_episodes(tmp_path / "rec.npz")
+    assert restored["num_steps"] == 450 and sum(len(e) for e in restored["episodes"]) == 450
+    fresh = SAC("MlpPolicy", env, buffer_size=300, seed=1, device="cpu")
+    collect_module.refill_replay_buffer(fresh, restored["episodes"])
+    a, b = model.replay_buffer, fresh.replay_buffer
+    assert (a.pos, a.full) == (b.pos, b.full) == (150, True)
+    for key in ("observations", "next_observations", "actions", "rewards"):
+        np.testing.assert_allclose(getattr(a, key), getattr(b, key), rtol=1e-6, atol=1e-6)  # float32 copy
+    last = (a.pos - 1) % 300  # the episode still running at the snapshot is cut there (a time-out)
+    keep = np.arange(300) != last
+    np.testing.assert_array_equal(a.dones[keep], b.dones[keep])
+    np.testing.assert_array_equal(a.timeouts[keep], b.timeouts[keep])
+    assert b.dones[last] and b.timeouts[last]

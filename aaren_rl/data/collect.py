@@ -210,9 +210,12 @@ def machine() -> dict:
 
 
 class LearnerState:
-    """The learner's full state in ``policies/resume/``: model, replay buffer, VecNormalize
-    statistics, the recorded transitions and ``state.json`` (written last, so that a state without
-    it is ignored). Each save replaces the previous one atomically (a new folder, renamed)."""
+    """The learner's full state in ``policies/resume/``: the model, VecNormalize statistics, the
+    recorded transitions (``recording.npz``, float32, compressed) and ``state.json`` (written
+    last, so that a state without it is ignored). Each save replaces the previous one atomically
+    (a new folder, renamed). An off-policy learner's replay buffer is not saved: with one env it
+    holds exactly the recorded transitions, so it is rebuilt from them (:func:`refill_replay_buffer`),
+    which keeps the state small enough to carry between machines."""
 
     def __init__(self, policies_dir: Path):
         self.dir = policies_dir / "resume"
@@ -231,12 +234,11 @@ class LearnerState:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         model.save(tmp / "model.zip")
-        if hasattr(model, "save_replay_buffer") and getattr(model, "replay_buffer", None) is not None:
-            model.save_replay_buffer(tmp / "replay_buffer.pkl")
+        if getattr(model, "replay_buffer", None) is not None and recording.num_envs > 1:
+            model.save_replay_buffer(tmp / "replay_buffer.pkl")  # not rebuilt from the recording
         if norm is not None:
             norm.save(str(tmp / "vecnormalize.pkl"))
-        with open(tmp / "recording.pkl", "wb") as f:
-            pickle.dump(recording.snapshot(), f, protocol=pickle.HIGHEST_PROTOCOL)
+        save_episodes(tmp / "recording.npz", recording.snapshot())
         write_json(tmp / "state.json", meta)
         old = self.dir.with_name(self.dir.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -249,6 +251,65 @@ class LearnerState:
         for d in (self.dir, self.dir.with_name(self.dir.name + ".partial"),
                   self.dir.with_name(self.dir.name + ".old")):
             shutil.rmtree(d, ignore_errors=True)
+
+
+def save_episodes(path: Path, snapshot: dict) -> None:
+    """A recording snapshot (``RecordingVecEnv.snapshot``) as one compressed npz, float32."""
+    eps = snapshot["episodes"]
+    cat = lambda key, dtype=np.float32: (np.concatenate([getattr(e, key) for e in eps]).astype(dtype)
+                                        if eps else np.zeros(0, dtype))
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
+        np.savez_compressed(
+            f, observations=cat("observations"),
+            actions=cat("actions", np.float32 if eps and eps[0].actions.dtype.kind == "f" else np.int64),
+            rewards=cat("rewards"), lengths=np.array([len(e) for e in eps], np.int64),
+            terminated=np.array([e.terminated for e in eps], bool),
+            truncated=np.array([e.truncated for e in eps], bool),
+            first_step=np.array([e.first_step for e in eps], np.int64),
+            num_steps=np.array(snapshot["num_steps"], np.int64))
+    os.replace(partial, path)
+
+
+def load_episodes(path: Path) -> dict:
+    with np.load(path) as z:
+        obs, act, rew = z["observations"], z["actions"], z["rewards"]
+        episodes, o, a = [], 0, 0
+        for T, term, trunc, first in zip(z["lengths"], z["terminated"], z["truncated"], z["first_step"]):
+            episodes.append(RawEpisode(obs[o:o + T + 1], act[a:a + T], rew[a:a + T].astype(np.float64),
+                                       bool(term), bool(trunc), int(first)))
+            o, a = o + T + 1, a + T
+        return {"episodes": episodes, "num_steps": int(z["num_steps"])}
+
+
+def refill_replay_buffer(model, episodes: list[RawEpisode]) -> None:
+    """Put the recorded transitions of a one-env learner back in its (empty) replay buffer, in
+    the order they happened, as the learner stored them: actions rescaled to [-1, 1], episode ends
+    done, time-outs (and the cut episodes of a restart) marked as such so they are bootstrapped."""
+    buf = model.replay_buffer
+    eps = sorted(episodes, key=lambda e: e.first_step)
+    if not eps:
+        return
+    obs = np.concatenate([e.observations[:-1] for e in eps])
+    next_obs = np.concatenate([e.observations[1:] for e in eps])
+    actions = model.policy.scale_action(np.concatenate([e.actions for e in eps]))
+    rewards = np.concatenate([e.rewards for e in eps])
+    ends = np.concatenate([np.arange(len(e)) == len(e) - 1 for e in eps])
+    timeouts = np.concatenate([(np.arange(len(e)) == len(e) - 1) & e.truncated for e in eps])
+    n, size = len(rewards), buf.buffer_size
+    keep = np.arange(max(n - size, 0), n)  # a full buffer keeps the latest transitions
+    idx = keep % size
+    buf.observations[idx, 0] = obs[keep].reshape(len(keep), *buf.obs_shape)
+    if getattr(buf, "optimize_memory_usage", False):
+        buf.observations[(idx + 1) % size, 0] = next_obs[keep].reshape(len(keep), *buf.obs_shape)
+    else:
+        buf.next_observations[idx, 0] = next_obs[keep].reshape(len(keep), *buf.obs_shape)
+    buf.actions[idx, 0] = actions[keep].reshape(len(keep), buf.action_dim)
+    buf.rewards[idx, 0] = rewards[keep]
+    buf.dones[idx, 0] = ends[keep]
+    if hasattr(buf, "timeouts"):
+        buf.timeouts[idx, 0] = timeouts[keep]
+    buf.pos, buf.full = n % size, n >= size
 
 
 def train_learner(cfg: CollectConfig, policies_dir: Path, log=print):
@@ -279,8 +340,11 @@ def train_learner(cfg: CollectConfig, policies_dir: Path, log=print):
     env_seed = cfg.seed + start_step
     recording = RecordingVecEnv(make_vec_env(cfg.env_id, n_envs=cfg.n_envs, seed=env_seed))
     if meta:
-        with open(state.dir / "recording.pkl", "rb") as f:
-            recording.restore(pickle.load(f))
+        if (state.dir / "recording.npz").exists():
+            recording.restore(load_episodes(state.dir / "recording.npz"))
+        else:  # the layout of earlier versions
+            with open(state.dir / "recording.pkl", "rb") as f:
+                recording.restore(pickle.load(f))
     env = recording
     if cfg.normalize:
         if meta:
@@ -299,6 +363,8 @@ def train_learner(cfg: CollectConfig, policies_dir: Path, log=print):
         model = algo.load(state.dir / "model.zip", env=env, custom_objects=custom or None, **device)
         if (state.dir / "replay_buffer.pkl").exists():
             model.load_replay_buffer(state.dir / "replay_buffer.pkl")
+        elif getattr(model, "replay_buffer", None) is not None:
+            refill_replay_buffer(model, recording.episodes)
         model.set_random_seed(env_seed)
         saved = [(s, Path(p)) for s, p in meta["checkpoints"]]
         sessions = list(meta["sessions"])
