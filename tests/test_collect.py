@@ -289,3 +289,20 @@ def test_replay_buffer_rebuilt_from_the_recording_is_the_learners_own(tmp_path):
     np.testing.assert_array_equal(a.dones[keep], b.dones[keep])
     np.testing.assert_array_equal(a.timeouts[keep], b.timeouts[keep])
     assert b.dones[last] and b.timeouts[last]
+
+
+def test_locomotion_suite_presets_are_complete():
+    import argparse
+
+    from aaren_rl.cli.collect import SUITES, add_arguments, config_for
+
+    assert SUITES["locomotion"] == ["hopper", "halfcheetah", "walker2d", "ant"]
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    for name in SUITES["locomotion"]:
+        cfg = config_for(name, p.parse_args(["--suite", "locomotion"]))
+        assert cfg.env_id.endswith("-v5") and set(cfg.dataset_ids) == set(TIERS)
+        assert cfg.d4rl_ref_min is not None and cfg.d4rl_ref_max > cfg.d4rl_ref_min
+        assert cfg.algorithm in collect_module.LIBRARIES[cfg.library][1]
+        assert cfg.resume_every > 0 and cfg.tier_steps >= 200_000 and not cfg.deterministic
+    assert config_for("ant", p.parse_args(["--suite", "locomotion"])).d4rl_ref_max == 3879.7
