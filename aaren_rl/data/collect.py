@@ -454,7 +454,9 @@ def collect(cfg: CollectConfig) -> dict:
     for stale in folder.glob("*.partial"):
         stale.unlink()
     previous = _read_report(folder / "report.json")
-    ours = set(previous.get("publishing", [])) if previous else set()
+    # datasets this folder's earlier run wrote or was publishing: a rerun may replace them
+    ours = set(previous.get("publishing", [])) | {t.get("dataset_id") for t in
+                                                   previous.get("tiers", {}).values()} if previous else set()
     existing = [t for t in cfg.tiers if minari_dataset_exists(cfg.dataset_id(t))]
     if previous and previous.get("status") == "complete" and not cfg.force \
             and set(cfg.tiers) <= set(previous.get("tiers", {})) and len(existing) == len(cfg.tiers):
