@@ -39,10 +39,23 @@ def minari_root(tmp_path, monkeypatch):
 
 
 def test_tiny_collection_writes_every_tier_as_minari_and_hdf5(tmp_path, minari_root):
-    cfg = CollectConfig(out_dir=str(tmp_path / "out"), hdf5=True, **TINY)
+    cfg = CollectConfig(out_dir=str(tmp_path / "out"), hdf5=True, results_dir=str(tmp_path / "results"),
+                        d4rl_ref_min=-1500.0, d4rl_ref_max=-100.0, **TINY)
     report = collect(cfg)
     folder = tmp_path / "out" / "tiny"
     on_disk = json.loads((folder / "report.json").read_text())
+    short = json.loads((tmp_path / "results" / "data_tiny.json").read_text())
+    assert short["env_id"] == "Pendulum-v1" and short["d4rl_ref_max"] == -100.0
+    assert short["ref_min_score"] == report["ref_min_score"] and short["steps"] == report["trained_steps"]
+    assert set(short["tiers"]) == set(TIERS) and {"learner", "settings", "machine", "train_seconds"} <= set(short)
+    for tier, t in short["tiers"].items():
+        assert (t["episodes"], t["steps"]) == (report["tiers"][tier]["episodes"], report["tiers"][tier]["steps"])
+        assert t["d4rl_normalized"] == pytest.approx(100 * (t["return_mean"] + 1500) / 1400)
+    import h5py
+
+    with h5py.File(folder / "medium.hdf5") as f:  # D4RL's dtypes, compressed
+        assert f["observations"].dtype == np.float32 and f["observations"].compression == "gzip"
+        assert f["rewards"].dtype == np.float32 and f["terminals"].dtype == bool
     assert on_disk["status"] == "complete" and set(on_disk["tiers"]) == set(TIERS)
     assert (folder / "policies" / "expert.zip").is_file() and (folder / "policies" / "medium.zip").is_file()
     for tier in TIERS:
