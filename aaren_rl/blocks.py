@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layer import Aaren, AarenState, _check_rows, check_padding_mask, check_tokens
+from .layer import Aaren, AarenState, _check_rows, as_array, check_padding_mask, check_tokens
 
 
 class MLP(nn.Module):
@@ -147,6 +147,16 @@ class Block(nn.Module):
         x = x + self.dropout(h)
         return x + self.mlp(self.ln_2(x)), state
 
+    def export_step_weights(self) -> dict:
+        """The block's weights by name for a backend outside PyTorch (matrices as (in, out));
+        the mixer's from its own ``export_step_weights``."""
+        mlp = self.mlp
+        return {"ln1_w": as_array(self.ln_1.weight), "ln1_b": as_array(self.ln_1.bias),
+                **self.mixer.export_step_weights(),
+                "ln2_w": as_array(self.ln_2.weight), "ln2_b": as_array(self.ln_2.bias),
+                "fc_w": as_array(mlp.fc.weight.T), "fc_b": as_array(mlp.fc.bias),
+                "proj_w": as_array(mlp.proj.weight.T), "proj_b": as_array(mlp.proj.bias)}
+
 
 class AarenBlock(Block):
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
@@ -208,6 +218,15 @@ class Backbone(nn.Module):
             new_state.append(s)
         h = self.ln_f(h)
         return (h.squeeze(1) if single else h), new_state
+
+    def export_step_weights(self) -> tuple[list[dict], dict]:
+        """Per-layer weights (``Block.export_step_weights``) and the final norm's, for a backend
+        that runs ``step`` outside PyTorch. Aaren only: its state has a fixed size to hand over."""
+        if self.kind != "aaren":
+            raise ValueError(f"only an Aaren backbone exports its step, not {self.kind!r}")
+        with torch.no_grad():
+            layers = [b.export_step_weights() for b in self.blocks]
+        return layers, {"lnf_w": as_array(self.ln_f.weight), "lnf_b": as_array(self.ln_f.bias)}
 
     @staticmethod
     def reset_state(state: list, rows: Tensor) -> list:

@@ -7,7 +7,9 @@
     latest                  the name of the newest complete checkpoint folder
 
 A checkpoint is first written to a temporary folder and renamed into place, and ``latest`` is
-replaced atomically, so a run killed mid-save leaves the previous checkpoint as the latest.
+replaced atomically, so a run killed mid-save leaves the previous checkpoint as the latest (and a
+hidden ``.step_*`` folder, which ``remove_stale_temporaries`` clears when the next run starts).
+Files and folders get the permissions the user's umask gives, as any other file they write.
 """
 
 from __future__ import annotations
@@ -25,6 +27,25 @@ from safetensors.torch import load_file, save_file
 from .model import DecisionModel, ModelConfig
 
 LATEST = "latest"
+TRAINER_KEYS = ("optimizer", "scheduler", "step", "torch_rng", "sampler_rng")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Remove what a save killed midway leaves (``.step_*`` folders, ``.latest.*`` files); returns them."""
+    directory = Path(directory)
+    stale = sorted(directory.glob(".step_*")) + sorted(directory.glob(f".{LATEST}.*")) if directory.is_dir() else []
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return stale
 
 
 def save_checkpoint(directory: str | os.PathLike, step: int, model: DecisionModel, info: dict,
@@ -34,6 +55,7 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model: DecisionMode
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=directory))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide a shared run from its readers
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, tmp / "model.safetensors")
@@ -47,6 +69,8 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model: DecisionMode
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if trainer_state is not None:
             torch.save(trainer_state, tmp / "trainer.pt")
+        for f in tmp.iterdir():  # safetensors writes 0600 files too
+            os.chmod(f, 0o666 & ~_umask())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -62,9 +86,20 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model: DecisionMode
 
 def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600, as above
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def update_checkpoint_info(folder: str | os.PathLike, updates: dict) -> None:
+    """Add ``updates`` to a saved checkpoint's config.json (atomically), e.g. the evaluation that followed it."""
+    path = Path(folder) / "config.json"
+    _write_atomic(path, json.dumps({**json.loads(path.read_text()), **updates}, indent=2))
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -93,20 +128,42 @@ def load_checkpoint(path: str | os.PathLike, device="cpu") -> tuple[DecisionMode
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"checkpoint {folder}/config.json is corrupt or not an aaren-rl config: {e}") from None
     model = DecisionModel(config)
-    try:
-        state = load_file(folder / "model.safetensors")
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"checkpoint {folder}/model.safetensors is corrupt: {e}") from None
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {folder}/model.safetensors does not match its config.json: {e}") from None
+    load_weights(model, folder)
     return model.to(device).eval(), info
 
 
+def read_weights(folder: str | os.PathLike) -> dict:
+    """A checkpoint folder's model.safetensors as a state dict; ValueError if it is damaged."""
+    folder = Path(folder)
+    try:
+        return load_file(folder / "model.safetensors")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"checkpoint {folder}/model.safetensors is corrupt: {e}") from None
+
+
+def load_weights(model: DecisionModel, folder: str | os.PathLike) -> None:
+    """Load a checkpoint folder's model.safetensors into ``model``; ValueError if it is damaged."""
+    folder = Path(folder)
+    state = read_weights(folder)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"checkpoint {folder}/model.safetensors does not match the model: {first}") from None
+
+
 def load_trainer_state(path: str | os.PathLike) -> dict:
+    """trainer.pt of a checkpoint (tensors and plain values only); ValueError if it is damaged."""
     folder = resolve_checkpoint(path)
     f = folder / "trainer.pt"
     if not f.is_file():
         raise FileNotFoundError(f"checkpoint {folder} has no trainer.pt: it cannot be resumed")
-    return torch.load(f, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, a pickle of arbitrary objects, ...: all refused alike
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"checkpoint {f} is corrupt or not a trainer state ({type(e).__name__}: {first})") from None
+    missing = [k for k in TRAINER_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"checkpoint {f} is not a trainer state: missing {missing}")
+    return state

@@ -94,6 +94,11 @@ def prefix_scan(m: Tensor, u: Tensor, w: Tensor, chunk: int = SCAN_CHUNK):
     return om, ou, ow
 
 
+def as_array(t: Tensor):
+    """A tensor as a float32 NumPy array on the host (for ``export_step_weights``)."""
+    return t.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
 def _readout(u: Tensor, w: Tensor) -> Tensor:
     """o = w / u; an empty prefix (u = 0: only padding so far) reads out as 0."""
     empty = u == 0
@@ -228,6 +233,18 @@ class Aaren(nn.Module):
             return weight, None
         b_k, b_v = self.kv.bias.split(E)
         return weight, torch.cat([b_v, (b_k.view(H, Dh) * q).sum(-1), pad[:, 0]])
+
+    @torch.no_grad()
+    def export_step_weights(self) -> dict:
+        """What ``step`` computes with, for a backend outside PyTorch, as float32 NumPy arrays with
+        matrices as (in, out): ``sv_w`` (E, E + H), ``sv_b`` (E + H) (the values, then one score
+        per head: the folded key projection), ``out_w`` (E, E), ``out_b`` (E)."""
+        E, H = self.embed_dim, self.num_heads
+        w, b = self._score_value_projection()
+        b = w.new_zeros(w.shape[0]) if b is None else b
+        out_b = self.out.weight.new_zeros(E) if self.out.bias is None else self.out.bias
+        return {"sv_w": as_array(w[:E + H].T), "sv_b": as_array(b[:E + H]),
+                "out_w": as_array(self.out.weight.T), "out_b": as_array(out_b)}
 
     def _project(self, x: Tensor) -> Tensor:
         """x (B, T, E) -> sv (B, T, E + H + pad): the values, one score per head, zeros."""

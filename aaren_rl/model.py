@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import Backbone
+from .layer import as_array
 
 R, S, A = 0, 1, 2  # token kinds within a timestep, in DT's order
 
@@ -160,3 +161,27 @@ class DecisionModel(nn.Module):
     def step(self, tokens: Tensor, state, padding_mask: Tensor | None = None):
         """Feed embedded tokens (B, t, E) into the backbone state; returns outputs (B, t, E) and state."""
         return self.backbone.step(self.embed_ln(tokens), state, padding_mask=padding_mask)
+
+    @torch.no_grad()
+    def export_step_weights(self) -> tuple[dict, dict, list[dict]]:
+        """Everything one acting step reads, by name, for a backend outside PyTorch (the compiled
+        CPU step): (dims, tensors, layers). Matrices are (in, out) float32 arrays (y = x @ W + b);
+        an Embedding is its table (rows). ``dims``: E, H, L, OBS, ACT, DISCRETE, TMAX. Aaren only."""
+        c = self.config
+        layers, final = self.backbone.export_step_weights()
+        act = self.embed_action
+        tensors = {
+            "temb": as_array(self.embed_timestep.weight),
+            "ret_w": as_array(self.embed_return.weight[:, 0]), "ret_b": as_array(self.embed_return.bias),
+            "state_w": as_array(self.embed_state.weight.T), "state_b": as_array(self.embed_state.bias),
+            "act_w": as_array(act.weight if c.discrete else act.weight.T),
+            "act_b": as_array(act.weight.new_zeros(c.embed_dim) if c.discrete else act.bias),
+            "eln_w": as_array(self.embed_ln.weight), "eln_b": as_array(self.embed_ln.bias),
+            **final,
+            "head_w": as_array(self.predict_action.weight.T), "head_b": as_array(self.predict_action.bias),
+            "obs_mean": as_array(self.obs_mean), "obs_std": as_array(self.obs_std),
+            "ret_scale": as_array(torch.tensor([c.return_scale])),
+        }
+        dims = {"E": c.embed_dim, "H": c.n_head, "L": c.n_layer, "OBS": c.observation_dim, "ACT": c.action_dim,
+                "DISCRETE": int(c.discrete), "TMAX": c.max_timestep}
+        return dims, tensors, layers

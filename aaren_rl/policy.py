@@ -5,54 +5,82 @@ where ``state`` is carried by the caller and ``episode_start`` (the previous ste
 ``terminated | truncated``) marks rows that begin a new episode. A return-conditioned agent also
 needs the reward just received (to lower the return still to go), hence ``reward``.
 
+The policy keeps the episode bookkeeping (returns to go, timesteps, the previous action, episode
+starts) here and nowhere else; the model's computation of one step is a *backend*
+(``aaren_rl.backends``): PyTorch, or the compiled C step for an Aaren model on the CPU. A
+backend takes one step's token values and the recurrent memory and returns the action head's
+output; which one runs is chosen when the policy is made, and the state is the same
+``PolicyState`` on every machine. This module itself needs NumPy only.
+
 Two modes:
 - ``"recurrent"`` (the default for Aaren): every environment step feeds (a_{t-1}, R_t, s_t) as one
   3-token chunk into the backbone's recurrent state. For Aaren the state has a constant size,
   whatever t is; for the Transformer it is a key/value cache that grows (kept to the last K
   timesteps for a model trained on K-step windows). The actions equal the parallel forward pass
   over the whole trajectory so far. An Aaren model trained on K-step windows thus conditions on
-  the whole episode when it acts (measured: it scores as well or better than recomputing windows).
+  the whole episode when it acts.
 - ``"window"``: Decision Transformer's evaluation: keep the last K timesteps and recompute them all
   at every step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torch import Tensor
-
-from .model import A, R, S, DecisionModel
 
 MODES = ("recurrent", "window")
+# float32 arithmetic squares its inputs in the LayerNorms: values beyond this (about the square
+# root of float32's largest number, 3.4e38) overflow there, and a step would return garbage
+MAX_INPUT = 1e15
+
+
+@dataclass
+class AarenMemory:
+    """An Aaren backbone's recurrent state for n environments, every layer stacked:
+    m, u (layers, n, heads) and w (layers, n, heads, head_dim). Its size never depends on t."""
+
+    m: np.ndarray
+    u: np.ndarray
+    w: np.ndarray
+
+    def copy(self) -> "AarenMemory":
+        return AarenMemory(self.m.copy(), self.u.copy(), self.w.copy())
+
+    @property
+    def nbytes(self) -> int:
+        return self.m.nbytes + self.u.nbytes + self.w.nbytes
 
 
 @dataclass
 class PolicyState:
-    """What the policy carries between steps, for n environments (one row each)."""
+    """What the policy carries between steps, for n environments (one row each). ``predict``
+    updates it in place and returns it; ``copy()`` keeps a branch."""
 
-    returns_to_go: Tensor  # (n,) R_t for the next observation
-    timestep: Tensor  # (n,) long, t of the next observation in its episode
-    prev_action: Tensor  # (n, act) in model units (discrete: (n,) long): a_{t-1}
-    backbone: list | None = None  # recurrent mode: per-layer states
-    window: dict | None = None  # window mode: the last K timesteps, left-padded
+    returns_to_go: np.ndarray  # (n,) float32: R_t of the next observation
+    timestep: np.ndarray  # (n,) int64: t of the next observation in its episode (0: it begins one)
+    prev_action: np.ndarray  # (n, act) float32 in model units (discrete: (n,) int64): a_{t-1}
+    memory: object = field(repr=False)  # the backbone's recurrent state, as the backend keeps it
 
     @property
     def n_envs(self) -> int:
         return self.timestep.shape[0]
 
+    def copy(self) -> "PolicyState":
+        return PolicyState(self.returns_to_go.copy(), self.timestep.copy(), self.prev_action.copy(),
+                           self.memory.copy())
+
 
 class StreamingPolicy:
     """Acts with a trained ``DecisionModel``, conditioned on ``target_return``."""
 
-    def __init__(self, model: DecisionModel, target_return: float, mode: str | None = None,
-                 fast: bool | None = None):
-        """``fast``: the compiled CPU step for an Aaren backbone in recurrent mode
-        (``aaren_rl.kernels.cpu_step``, same actions): None uses it where it applies, True requires
-        it, False never uses it. With it, ``reset``/``predict`` return its preallocated buffers as
-        the state, updated in place by each call."""
+    def __init__(self, model, target_return: float, mode: str | None = None, backend="auto"):
+        """``backend``: ``"auto"`` (the compiled C step where it applies: an Aaren model in
+        recurrent mode, float32 on the CPU, a C compiler; else PyTorch), ``"compiled"`` (required:
+        an error says why it does not apply), ``"torch"``, or a backend object
+        (``aaren_rl.backends``)."""
+        from .backends import make_backend
+
         if mode is None:  # Aaren always streams; a Transformer trained on windows recomputes them
             c = model.config
             mode = "recurrent" if (c.backbone == "aaren" or c.context == "episode") else "window"
@@ -61,211 +89,115 @@ class StreamingPolicy:
         self.model = model.eval()
         self.target_return = float(target_return)
         self.mode = mode
+        self.backend = make_backend(model, mode, backend)
         c = model.config
-        self.device = next(model.parameters()).device
-        self.K = c.context_len
-        # a Transformer trained on K-step windows keeps only that much cache when streaming
-        self.max_cache_tokens = 3 * c.context_len if (c.backbone == "transformer" and c.context == "window") else None
-        self.fast_step = None
-        if fast or (fast is None and mode == "recurrent"):
-            from .kernels import cpu_step
-
-            reason = "mode is 'window'" if mode != "recurrent" else cpu_step.unsupported_reason(model)
-            if reason and fast:
-                raise ValueError(f"fast=True, but the compiled CPU step does not apply: {reason}")
-            self.fast_step = None if reason else cpu_step.FastAarenStep(model)
+        self.observation_dim, self.action_dim, self.discrete = c.observation_dim, c.action_dim, c.discrete
+        if not c.discrete:  # env units <-> the model's [-1, 1]
+            low, high = np.asarray(c.action_low, np.float32), np.asarray(c.action_high, np.float32)
+            self._action_low, self._action_span = low, high - low
+            self._action_half, self._action_mid = (high - low) / 2, (high + low) / 2
 
     # -- state ------------------------------------------------------------------------------
     def reset(self, n_envs: int = 1) -> PolicyState:
         """The state before the first step of ``n_envs`` environments."""
         if n_envs <= 0:
             raise ValueError(f"n_envs must be positive, got {n_envs}")
-        if self.fast_step is not None:  # the compiled step's preallocated buffers
-            from .kernels.cpu_step import FastAarenPolicy
+        prev = np.zeros(n_envs, np.int64) if self.discrete else np.zeros((n_envs, self.action_dim), np.float32)
+        return PolicyState(returns_to_go=np.full(n_envs, self.target_return, np.float32),
+                           timestep=np.zeros(n_envs, np.int64), prev_action=prev,
+                           memory=self.backend.init_memory(n_envs))
 
-            return FastAarenPolicy(self.model, self.target_return, n_envs, step=self.fast_step)
-        c, dev = self.model.config, self.device
-        prev = torch.zeros(n_envs, dtype=torch.long, device=dev) if c.discrete else torch.zeros(n_envs, c.action_dim, device=dev)
-        state = PolicyState(
-            returns_to_go=torch.full((n_envs,), self.target_return, device=dev),
-            timestep=torch.zeros(n_envs, dtype=torch.long, device=dev),
-            prev_action=prev,
-        )
-        if self.mode == "recurrent":
-            state.backbone = self.model.init_state(n_envs)
-        else:
-            K = self.K
-            state.window = {
-                "returns_to_go": torch.zeros(n_envs, K, device=dev),
-                "observations": torch.zeros(n_envs, K, c.observation_dim, device=dev),
-                "actions": torch.zeros(n_envs, K, dtype=torch.long, device=dev) if c.discrete else torch.zeros(n_envs, K, c.action_dim, device=dev),
-                "timesteps": torch.zeros(n_envs, K, dtype=torch.long, device=dev),
-                "padding_mask": torch.ones(n_envs, K, dtype=torch.bool, device=dev),
-            }
-        return state
-
-    def _start_rows(self, state: PolicyState, rows: Tensor) -> PolicyState:
-        state = replace(
-            state,
-            returns_to_go=torch.where(rows, self.target_return, state.returns_to_go),
-            timestep=state.timestep.masked_fill(rows, 0),
-        )
-        if state.backbone is not None:
-            state.backbone = self.model.backbone.reset_state(state.backbone, rows)
-        if state.window is not None:
-            state.window = {**state.window, "padding_mask": state.window["padding_mask"] | rows.unsqueeze(-1)}
-        return state
+    def state_nbytes(self, state: PolicyState) -> int:
+        """Bytes of the recurrent state that grows (Transformer) or does not (Aaren)."""
+        return self.backend.memory_nbytes(state.memory)
 
     # -- acting -----------------------------------------------------------------------------
-    @torch.no_grad()
     def predict(self, observation, state: PolicyState | None = None, episode_start=None,
                 deterministic: bool = True, reward=None) -> tuple[np.ndarray, PolicyState]:
         """Actions for a batch of observations (n_envs, obs_dim) (or one, (obs_dim,)).
 
         ``episode_start`` (n_envs,) bool: rows that begin an episode (all rows when ``state`` is
-        None). ``reward`` (n_envs,): the reward each environment just returned for the previous
-        action; needed for every row that goes on with its episode.
-
-        With the compiled CPU step the state is a set of preallocated buffers that each call
-        updates in place (and returns): the whole step is one C call.
+        None, and rows fresh from ``reset``). ``reward`` (n_envs,): the reward each environment
+        just returned for the previous action; needed for every row that goes on with its
+        episode. Returns the actions in env units and ``state``, updated in place.
         """
-        if self.fast_step is not None:
-            return self._predict_compiled(observation, state, episode_start, reward, deterministic)
-        obs = self._as_tensor("observation", observation, torch.float32)
-        single = obs.dim() == 1
-        obs = obs.unsqueeze(0) if single else obs
-        c = self.model.config
-        if obs.dim() != 2 or obs.shape[1] != c.observation_dim:
-            raise ValueError(f"observation must have shape (n_envs, {c.observation_dim}) or "
-                             f"({c.observation_dim},), got {tuple(np.shape(observation))}")
-        n = obs.shape[0]
-        if state is None:
-            state = self.reset(n)
-            starts = torch.ones(n, dtype=torch.bool, device=self.device)
-        else:
-            if not isinstance(state, PolicyState) or state.n_envs != n:
-                raise ValueError(f"state must be a PolicyState for {n} environments (from reset), got "
-                                 f"{type(state).__name__}" + (f" for {state.n_envs}" if isinstance(state, PolicyState) else ""))
-            starts = (torch.zeros(n, dtype=torch.bool, device=self.device) if episode_start is None
-                      else self._as_tensor("episode_start", episode_start, torch.bool).reshape(-1))
-            if starts.shape != (n,):
-                raise ValueError(f"episode_start must have shape ({n},), got {tuple(np.shape(episode_start))}")
-            starts = starts | (state.timestep == 0)  # rows fresh from reset() begin here too
-        if not bool(starts.all()):
-            if reward is None:
-                raise ValueError("reward is required for environments that go on with their episode")
-            rew = self._as_tensor("reward", reward, torch.float32).reshape(-1)
-            if rew.shape != (n,):
-                raise ValueError(f"reward must have shape ({n},), got {tuple(np.shape(reward))}")
-            state = replace(state, returns_to_go=state.returns_to_go - torch.where(starts, 0.0, rew))
-        state = self._start_rows(state, starts)
-
-        obs = self.model.normalize_obs(obs)
-        if self.mode == "recurrent":
-            out, state = self._step_recurrent(obs, state, starts)
-        else:
-            out, state = self._step_window(obs, state)
-        if c.discrete:  # out: logits
-            chosen = out.argmax(-1) if deterministic else torch.distributions.Categorical(logits=out).sample()
-            action = chosen.cpu().numpy()
-        else:  # out: action in [-1, 1]
-            chosen = out
-            action = self.model.unnormalize_action(out).cpu().numpy()
-        state = self.record_action(replace(state, timestep=state.timestep + 1), chosen, model_units=True)
-        return (action[0] if single else action), state
-
-    def _predict_compiled(self, observation, state, episode_start, reward, deterministic):
-        from .kernels.cpu_step import FastAarenPolicy
-
-        D = self.model.config.observation_dim
-        obs = np.asarray(observation, dtype=np.float32)
-        if obs.ndim not in (1, 2) or obs.shape[-1] != D:
-            raise ValueError(f"observation must have shape (n_envs, {D}) or ({D},), got {obs.shape}")
+        D = self.observation_dim
+        obs = _array("observation", observation, np.float32)
         single = obs.ndim == 1
-        obs = obs.reshape(-1, D)
-        if not np.isfinite(obs).all():
-            raise ValueError("observation contains NaN or inf")
+        if single:
+            obs = obs.reshape(1, -1)
+        if obs.ndim != 2 or obs.shape[1] != D:
+            raise ValueError(f"observation must have shape (n_envs, {D}) or ({D},), got {np.shape(observation)}")
+        _check_finite("observation", obs)
         n = obs.shape[0]
         if state is None:
             state = self.reset(n)
-        elif not isinstance(state, FastAarenPolicy) or state.n_envs != n:
-            raise ValueError(f"state must be the state this policy returned for {n} environments (from reset or "
-                             f"predict), got {type(state).__name__}")
+        elif not isinstance(state, PolicyState) or state.n_envs != n:
+            got = type(state).__name__ + (f" for {state.n_envs}" if isinstance(state, PolicyState) else "")
+            raise ValueError(f"state must be a PolicyState for {n} environments (from reset or predict), got {got}")
+        starts = state.timestep == 0  # rows fresh from reset() begin here too
         if episode_start is not None:
-            episode_start = np.asarray(episode_start, dtype=bool).reshape(-1)
-            if episode_start.shape != (n,):
-                raise ValueError(f"episode_start must have shape ({n},), got {episode_start.shape}")
-        if reward is None:
-            if not (state.start.all() or (episode_start is not None and episode_start.all())):
-                raise ValueError("reward is required for environments that go on with their episode")
-        else:
-            reward = np.asarray(reward, dtype=np.float32).reshape(-1)
-            if reward.shape != (n,):
-                raise ValueError(f"reward must have shape ({n},), got {reward.shape}")
-            if not np.isfinite(reward).all():
-                raise ValueError("reward contains NaN or inf")
-        self.fast_step.ensure_packed()
-        action = state.predict(obs, episode_start, reward).copy()
-        if self.model.config.discrete and not deterministic:  # sample from the logits the step left in .out
-            action = torch.distributions.Categorical(logits=torch.from_numpy(state.out)).sample().numpy()
-            state.record_action(action)
+            given = _array("episode_start", episode_start, bool).reshape(-1)
+            if given.shape != (n,):
+                raise ValueError(f"episode_start must have shape ({n},), got {np.shape(episode_start)}")
+            starts |= given
+        if reward is not None:
+            rew = _array("reward", reward, np.float32).reshape(-1)
+            if rew.shape != (n,):
+                raise ValueError(f"reward must have shape ({n},), got {np.shape(reward)}")
+            _check_finite("reward", rew)
+            state.returns_to_go -= rew  # rows that begin an episode are set to the target below
+        elif not starts.all():
+            raise ValueError("reward is required for environments that go on with their episode")
+        state.returns_to_go[starts] = self.target_return
+        state.timestep[starts] = 0
+
+        out, state.memory = self.backend.step(obs, state.prev_action, state.returns_to_go, state.timestep,
+                                              starts, state.memory)
+        if self.discrete:  # out: logits
+            action = out.argmax(-1) if deterministic else _sample(out)
+            state.prev_action[...] = action
+        else:  # out: action in [-1, 1]
+            state.prev_action[...] = out
+            action = out * self._action_half + self._action_mid
+        state.timestep += 1
         return (action[0] if single else action), state
 
-    def state_nbytes(self, state) -> int:
-        """Bytes of the recurrent state that grows (Transformer) or does not (Aaren)."""
-        if hasattr(state, "state_nbytes"):
-            return state.state_nbytes()
-        return sum(s.nbytes() for s in state.backbone) if state.backbone is not None else 0
+    def record_action(self, state: PolicyState, action) -> PolicyState:
+        """Set the remembered a_t to the action actually executed (env units: exploration noise,
+        clipping, a logged trajectory). ``predict`` records its own action; call this after it
+        to override."""
+        a = _array("action", action, np.int64 if self.discrete else np.float32)
+        if a.size != state.prev_action.size:
+            raise ValueError(f"action must have {state.prev_action.shape} entries in all, got {a.shape}")
+        a = a.reshape(state.prev_action.shape)
+        if not self.discrete:
+            a = np.clip(2 * (a - self._action_low) / self._action_span - 1, -1, 1)
+        state.prev_action[...] = a
+        return state
 
-    def record_action(self, state: PolicyState, action, model_units: bool = False) -> PolicyState:
-        """Set the remembered a_t to the action actually executed (exploration noise, clipping, a
-        logged trajectory). ``predict`` records its own action; call this after it to override."""
-        if hasattr(state, "record_action"):  # the compiled step's buffers
-            state.record_action(action)
-            return state
-        if not model_units:
-            a = self._as_tensor("action", action, torch.long if self.model.config.discrete else torch.float32)
-            if a.numel() != state.prev_action.numel():
-                raise ValueError(f"action must have {tuple(state.prev_action.shape)} entries in all, got {tuple(a.shape)}")
-            action = self.model.normalize_action(a.reshape(state.prev_action.shape))
-        a = action
-        if state.window is not None:
-            state.window = {**state.window, "actions": torch.cat([state.window["actions"][:, :-1], a.unsqueeze(1)], 1)}
-        return replace(state, prev_action=a)
 
-    def _step_recurrent(self, obs: Tensor, state: PolicyState, starts: Tensor):
-        m, t = self.model, state.timestep
-        tokens = torch.stack([
-            m.embed(A, state.prev_action, (t - 1).clamp(min=0)),
-            m.embed(R, state.returns_to_go, t),
-            m.embed(S, obs, t),
-        ], dim=1)  # (n, 3, E): a_{t-1}, R_t, s_t
-        pad = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=self.device)
-        pad[:, 0] = starts  # at t = 0 there is no previous action
-        h, backbone = m.step(tokens, state.backbone, padding_mask=pad)
-        if self.max_cache_tokens is not None:
-            backbone = [s.trim(self.max_cache_tokens) for s in backbone]
-        return m.action_output(h[:, 2]), replace(state, backbone=backbone)
+# -- input checks ----------------------------------------------------------------------------
 
-    def _step_window(self, obs: Tensor, state: PolicyState):
-        w = state.window
-        placeholder = torch.zeros_like(w["actions"][:, :1])
-        w = {  # drop the oldest timestep, append R_t, s_t (a_t is unknown yet; causality hides it)
-            "returns_to_go": torch.cat([w["returns_to_go"][:, 1:], state.returns_to_go[:, None]], 1),
-            "observations": torch.cat([w["observations"][:, 1:], obs[:, None]], 1),
-            "actions": torch.cat([w["actions"][:, 1:], placeholder], 1),
-            "timesteps": torch.cat([w["timesteps"][:, 1:], state.timestep[:, None]], 1),
-            "padding_mask": torch.cat([w["padding_mask"][:, 1:], torch.zeros_like(w["padding_mask"][:, :1])], 1),
-        }
-        pred = self.model(w["returns_to_go"], w["observations"], w["actions"], w["timesteps"], w["padding_mask"])
-        return pred[:, -1], replace(state, window=w)  # the chosen a_t is written in by record_action
 
-    # -- input checks ------------------------------------------------------------------------
-    def _as_tensor(self, name: str, value, dtype) -> Tensor:
-        try:
-            t = torch.as_tensor(np.asarray(value), device=self.device).to(dtype)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{name} must be array-like, got {type(value).__name__}: {e}") from None
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(f"{name} contains NaN or inf")
-        return t
+def _array(name: str, value, dtype) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be array-like, got {type(value).__name__}: {e}") from None
+
+
+def _check_finite(name: str, x: np.ndarray) -> None:
+    """NaN, inf or a value too large for the model's float32 arithmetic: the same error whatever
+    backend would compute the step. One sum of squares, in float64 (which cannot overflow here):
+    a NaN or inf anywhere makes it NaN or inf."""
+    flat = x.reshape(-1)
+    if not float(np.dot(flat, flat.astype(np.float64))) <= MAX_INPUT * MAX_INPUT:
+        raise ValueError(f"{name} contains NaN or inf, or a value beyond {MAX_INPUT:g} in size (the model "
+                         f"computes in float32)")
+
+
+def _sample(logits: np.ndarray) -> np.ndarray:
+    import torch  # PyTorch's generator, so that torch.manual_seed makes runs repeatable
+
+    return torch.distributions.Categorical(logits=torch.from_numpy(np.array(logits))).sample().numpy()

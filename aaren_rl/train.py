@@ -25,7 +25,10 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from .checkpoint import load_trainer_state, resolve_checkpoint, save_checkpoint
+from .checkpoint import (
+    load_trainer_state, read_weights, remove_stale_temporaries, resolve_checkpoint, save_checkpoint,
+    update_checkpoint_info,
+)
 from .data import TrajectoryDataset
 from .model import DecisionModel, ModelConfig
 
@@ -56,7 +59,7 @@ class TrainConfig:
     eval_episodes: int = 10
     checkpoint_every: int = 10_000
     env_id: str | None = None  # evaluation environment (default: the dataset's)
-    target_return: float | None = None  # evaluation conditioning (default: the dataset's best return)
+    target_return: float | None = None  # evaluation conditioning (default: default_target_return(dataset))
 
     def validate(self) -> "TrainConfig":
         for name in ("updates", "batch_size", "log_every", "checkpoint_every"):
@@ -79,6 +82,30 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but this torch sees no CUDA GPU")
     return torch.device(name)
+
+
+def default_target_return(dataset: TrajectoryDataset) -> float:
+    """The return to condition on when none is given: the dataset's ``ref_max_score`` (its expert's
+    return, as D4RL's normalization defines 100) where it has one, else its best episode's return."""
+    return dataset.ref_max_score if dataset.ref_max_score is not None else dataset.return_max
+
+
+# What a resumed run must share with the run it continues (the rest, e.g. ``updates``, the device,
+# evaluation and checkpoint intervals, may change): the optimizer state and the sampler's position
+# only mean something for the same model, data and optimization settings.
+RESUME_FIXED_TRAIN = ("batch_size", "learning_rate", "weight_decay", "warmup_steps", "grad_clip", "seed",
+                      "max_episode_len")
+RESUME_FIXED_DATASET = ("episodes", "steps", "return_mean", "return_max")  # its content, not its path
+
+
+def resume_differences(saved: dict, model_config: ModelConfig, config: TrainConfig,
+                       dataset: TrajectoryDataset) -> list[str]:
+    """``"section.key saved -> given"`` for each setting a resumed run may not change."""
+    now = {"model": model_config.to_dict(), "train": asdict(config), "dataset": dataset.summary()}
+    keys = {"model": list(now["model"]), "train": RESUME_FIXED_TRAIN, "dataset": RESUME_FIXED_DATASET}
+    return [f"{section}.{k} {saved.get(section, {}).get(k)!r} -> {now[section].get(k)!r}"
+            for section, names in keys.items() for k in names
+            if saved.get(section, {}).get(k) != now[section].get(k)]
 
 
 def model_config_for(dataset: TrajectoryDataset, **overrides) -> ModelConfig:
@@ -235,18 +262,18 @@ class UpdateStep:
         return loss
 
 
-def train(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDataset, logdir: str | Path,
-          resume: bool = False, progress: bool = True) -> DecisionModel:
-    """Train and return the model; logs, checkpoints and the final evaluation go under ``logdir``."""
-    config.validate()
-    logdir = Path(logdir)
-    ckpt_dir = logdir / "checkpoints"
-    device = resolve_device(config.device)
-    env_id = config.env_id or dataset.env_id
-    target_return = config.target_return if config.target_return is not None else dataset.return_max
-    info = {"train": asdict(config), "dataset": dataset.summary(), "env_id": env_id, "target_return": target_return}
+def make_update_step(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDataset,
+                     device: torch.device | str = "cpu", weights: dict | None = None,
+                     trainer_state: dict | None = None) -> UpdateStep:
+    """The model, its optimizer, warm-up schedule and batch sampler, and the ``UpdateStep`` that
+    runs them: the one setup of training, its benchmark and its tests.
 
-    # -- data: all of it on the device, batches by tensor indexing
+    Moves the dataset to ``device``; the compile mode is ``config.compile`` resolved for it.
+    ``weights`` (a state dict) and ``trainer_state`` (from a checkpoint's trainer.pt: optimizer,
+    schedule, RNG states) make it go on from a checkpoint. The model is ``update.model``, in
+    training mode.
+    """
+    device = torch.device(device)
     mode = resolve_compile(config.compile, device)
     dataset.to(device)
     gen = torch.Generator(device=device).manual_seed(config.seed)
@@ -259,32 +286,66 @@ def train(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDat
             return dataset.sample_windows(config.batch_size, model_config.context_len, gen)
         return dataset.sample_episodes(config.batch_size, gen, max_len=max_len)
 
-    # -- model and optimizer
     torch.manual_seed(config.seed)
     model = DecisionModel(model_config, dataset.obs_mean, dataset.obs_std).to(device)
     optimizer = make_optimizer(model, config)
     warmup = max(config.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 1.0))
-    amp = config.amp and device.type == "cuda"
-
-    start = 0
-    if resume and (ckpt_dir / "latest").is_file():
-        folder = resolve_checkpoint(ckpt_dir)
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(folder / "model.safetensors"))
-        state = load_trainer_state(folder)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"])
-        gen.set_state(state["sampler_rng"].to(gen.get_state().device))
-        start = int(state["step"])
+    if weights is not None:
+        model.load_state_dict(weights)
+    if trainer_state is not None:
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        torch.set_rng_state(trainer_state["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in trainer_state:
+            torch.cuda.set_rng_state(trainer_state["cuda_rng"])
+        gen.set_state(trainer_state["sampler_rng"].to(gen.get_state().device))
     if "cudagraph" in mode:
         make_capturable(optimizer)  # after the scheduler is built, which keeps float base rates
-    update = UpdateStep(model, optimizer, scheduler, sample_batch, mode=mode, amp=amp, grad_clip=config.grad_clip,
-                        generators=[gen])
+    amp = config.amp and device.type == "cuda"
+    return UpdateStep(model.train(), optimizer, scheduler, sample_batch, mode=mode, amp=amp,
+                      grad_clip=config.grad_clip, generators=[gen])
+
+
+def train(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDataset, logdir: str | Path,
+          resume: bool = False, progress: bool = True) -> DecisionModel:
+    """Train and return the model; logs, checkpoints and the final evaluation go under ``logdir``."""
+    config.validate()
+    logdir = Path(logdir)
+    ckpt_dir = logdir / "checkpoints"
+    device = resolve_device(config.device)
+    env_id = config.env_id or dataset.env_id
+    target_return = config.target_return if config.target_return is not None else default_target_return(dataset)
+    info = {"train": asdict(config), "dataset": dataset.summary(), "env_id": env_id, "target_return": target_return}
+    remove_stale_temporaries(ckpt_dir)  # what a run killed while saving left behind
+    if env_id and config.eval_episodes > 0:  # a mismatch found now, not after all the updates
+        from .evaluate import check_env_matches
+
+        check_env_matches(env_id, dataset.observation_dim, dataset.action_dim, dataset.discrete,
+                          f"the dataset {dataset.name!r}")
+
+    # -- data, model, optimizer: all of it on the device, batches by tensor indexing
+    start, weights, state = 0, None, None
+    if resume and (ckpt_dir / "latest").is_file():
+        folder = resolve_checkpoint(ckpt_dir)
+        try:
+            saved = json.loads((folder / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot resume: checkpoint {folder}/config.json is unreadable: {e}") from None
+        changed = resume_differences(saved, model_config, config, dataset)
+        if changed:
+            raise ValueError(f"cannot resume {logdir}: settings differ from the saved run's (saved -> given): "
+                             f"{'; '.join(changed)}. Give the saved settings, or a new --logdir")
+        weights, state = read_weights(folder), load_trainer_state(folder)
+        start = int(state["step"])
+    try:
+        update = make_update_step(model_config, config, dataset, device, weights, state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        if state is None:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"checkpoint {resolve_checkpoint(ckpt_dir)} does not match the model or its optimizer: {first}") from None
+    model, optimizer, scheduler, gen = update.model, update.optimizer, update.scheduler, update.generators[0]
 
     def trainer_state(step):
         opt, sched = portable_state(optimizer, scheduler)
@@ -322,7 +383,6 @@ def train(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDat
     from tqdm.auto import tqdm
 
     bar = tqdm(total=config.updates, initial=start, desc="train", unit="upd", disable=not progress, dynamic_ncols=True)
-    model.train()
     last_eval, last_loss, t_log, n_log = None, float("nan"), time.perf_counter(), 0
     for step in range(start + 1, config.updates + 1):
         update()  # no host sync: the loss stays on the device until the next log line
@@ -339,14 +399,17 @@ def train(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDat
             writer.add_scalar("train/updates_per_s", n_log / (now - t_log), step)
             bar.set_postfix(loss=f"{last_loss:.4f}", **({"eval": f"{last_eval:.1f}"} if last_eval is not None else {}))
             t_log, n_log = now, 0
+        saved = None
+        if step % config.checkpoint_every == 0 or step == config.updates:  # before evaluating: an
+            saved = save_checkpoint(ckpt_dir, step, model, info, trainer_state(step))  # error keeps the weights
         if (config.eval_every and step % config.eval_every == 0) or step == config.updates:
             res = run_eval(step)
             if res is not None:
                 last_eval = res.get("normalized_score_mean", res["return_mean"])
                 bar.set_postfix(loss=f"{last_loss:.4f}", eval=f"{last_eval:.1f}")
-                info["last_eval"] = {k: v for k, v in res.items() if k not in ("returns", "lengths")}
-        if step % config.checkpoint_every == 0 or step == config.updates:
-            save_checkpoint(ckpt_dir, step, model, info, trainer_state(step))
+                info["last_eval"] = {"step": step, **{k: v for k, v in res.items() if k not in ("returns", "lengths")}}
+                if saved is not None:
+                    update_checkpoint_info(saved, {"last_eval": info["last_eval"]})
         bar.update(1)
     bar.close()
     if "last_eval" in info:

@@ -4,40 +4,72 @@
         --datasets data/hopper/medium.hdf5 data/hopper/medium-replay.hdf5 --env hopper \
         --seeds 0 1 2 --updates 20000 --device cuda --out runs/compare
 
+    python scripts/compare.py --datasets pendulum/medium-expert --env pendulum --seeds 0 1 2 \
+        --updates 2000 --eval-episodes 20 --demo-settings --device cpu     # the demo, over seeds
+
 Training runs one after another on ``--device``; evaluation runs on the CPU (the policies act at
-batch sizes where the CPU is faster). Results: ``OUT/compare.json`` and ``OUT/compare.md``.
+batch sizes where the CPU is faster), by the demo's protocol (``aaren_rl.cli.demo.evaluate_run``:
+evaluation seeds 10000 + seed, the env preset's first target, the dataset's references), so that a
+seed's row equals the demo's. Results: ``OUT/compare.json`` and ``OUT/compare.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from aaren_rl.checkpoint import load_checkpoint
 from aaren_rl.cli import main as cli
-from aaren_rl.cli.evaluate import write_json_atomic
-from aaren_rl.cli.presets import resolve_env
-from aaren_rl.evaluate import evaluate_policy
-from aaren_rl.policy import StreamingPolicy
+from aaren_rl.output import write_json
+from aaren_rl.cli.demo import EVAL_SEED, demo_settings, evaluate_run
+from aaren_rl.cli.presets import load_preset, resolve_dataset, resolve_env
+from aaren_rl.data import load_dataset
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--agents", nargs="+", default=["decision_aaren", "decision_transformer"])
+    p.add_argument("--agents", nargs="+", default=["decision_aaren", "decision_transformer"],
+                   help="agent presets (default: decision_aaren decision_transformer)")
     p.add_argument("--datasets", nargs="+", required=True, help="dataset sources, as `aaren-rl train` takes them")
-    p.add_argument("--env", required=True, help="env preset or gymnasium id (targets, references)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--updates", type=int, default=20_000)
-    p.add_argument("--eval-episodes", type=int, default=10)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="runs/compare")
-    p.add_argument("--set", nargs="+", default=[], help="preset overrides for every agent (SECTION.KEY=VALUE)")
+    p.add_argument("--env", required=True, help="env preset (its first target return; references where "
+                                                "the dataset has none)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (default: 0)")
+    p.add_argument("--updates", type=int, default=20_000, help="updates per run (default: 20000)")
+    p.add_argument("--eval-episodes", type=int, default=10, help="evaluation episodes per run (default: 10)")
+    p.add_argument("--device", default="auto", help="training device (default: auto)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1, as the demo)")
+    p.add_argument("--demo-settings", action="store_true",
+                   help="train with the demo's settings (aaren_rl/cli/demo.py: width 64, lr 1e-3, ...)")
+    p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
+    p.add_argument("--set", nargs="+", default=[], help="preset overrides for every agent (SECTION.KEY=VALUE), "
+                                                        "after --demo-settings (default: none)")
     return p.parse_args(argv)
+
+
+def agent_overrides(agent: str, args) -> list[str]:
+    """``--set`` items for one agent: the demo's settings (if asked for), then ``--set``."""
+    items = []
+    if args.demo_settings:
+        model_kw, train_kw = demo_settings(load_preset("agents", agent).get("model", {}).get("context", "window"))
+        items += [f"model.{k}={v!r}" for k, v in model_kw.items()] + [f"train.{k}={v!r}" for k, v in train_kw.items()]
+    return items + list(args.set)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def main(argv=None) -> int:
@@ -45,25 +77,29 @@ def main(argv=None) -> int:
     env = resolve_env(args.env)
     target = float(env["target_returns"][0])
     out = Path(args.out)
+    torch.set_num_threads(args.threads)
+    meta = {"env": env["env_id"], "target_return": target, "updates": args.updates, "device": args.device,
+            "machine": machine(), "eval_seed": f"{EVAL_SEED} + seed", "command": " ".join(sys.argv)}
     rows = []
     for source in args.datasets:
+        ds = load_dataset(resolve_dataset(source), env_id=env["env_id"])
+        ref_min = ds.ref_min_score if ds.ref_min_score is not None else env["ref_min"]
+        ref_max = ds.ref_max_score if ds.ref_max_score is not None else env["ref_max"]
         for agent in args.agents:
+            overrides = agent_overrides(agent, args)
             for seed in args.seeds:
                 run = out / f"{Path(source).stem}-{agent}-s{seed}"
                 t0 = time.perf_counter()
                 cli(["train", "--agent", agent, "--dataset", source, "--env", args.env, "--updates", str(args.updates),
                      "--seed", str(seed), "--device", args.device, "--eval-every", "0", "--eval-episodes", "0",
                      "--checkpoint-every", str(args.updates), "--logdir", str(run), "--no-progress",
-                     *(["--set", *args.set] if args.set else [])])
+                     "--threads", str(args.threads), *(["--set", *overrides] if overrides else [])])
                 train_s = time.perf_counter() - t0
-                model, info = load_checkpoint(run, device="cpu")
-                res = evaluate_policy(StreamingPolicy(model, target), env["env_id"], args.eval_episodes, seed=1000 + seed,
-                                      ref_min_score=env["ref_min"] or info["dataset"]["ref_min_score"],
-                                      ref_max_score=env["ref_max"] or info["dataset"]["ref_max_score"])
+                res = evaluate_run(run, env["env_id"], target, args.eval_episodes, seed, ref_min, ref_max)
                 row = {"dataset": Path(source).stem, "agent": agent, "seed": seed, "train_seconds": train_s,
                        **{k: v for k, v in res.items() if k not in ("returns", "lengths")}}
                 rows.append(row)
-                write_json_atomic(out / "compare.json", {"env": env["env_id"], "target_return": target, "rows": rows})
+                write_json(out / "compare.json", {**meta, "rows": rows})
                 print(f"{row['dataset']:>20} {agent:>28} seed {seed}: score {row['normalized_score_mean']:.1f} "
                       f"(return {row['return_mean']:.0f}), {row['policy_ms_per_step']:.2f} ms/step, train {train_s:.0f} s",
                       flush=True)
@@ -78,9 +114,7 @@ def main(argv=None) -> int:
                          f"{np.mean([r['policy_ms_per_step'] for r in rs]):.2f} | {np.mean([r['train_seconds'] for r in rs]):.0f} |")
     table = "\n".join(lines)
     print("\n" + table)
-    machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    write_json_atomic(out / "compare.json", {"env": env["env_id"], "target_return": target, "updates": args.updates,
-                                             "device": machine, "rows": rows})
+    write_json(out / "compare.json", {**meta, "rows": rows})
     (out / "compare.md").write_text(table + "\n")
     return 0
 

@@ -151,12 +151,12 @@ def test_default_policy_modes():
     assert StreamingPolicy(make_model("transformer", "episode"), 0.0).mode == "recurrent"
 
 
-def test_reset_then_predict_with_either_step():
+def test_reset_then_predict_with_either_backend():
     obs, actions, rewards = trajectory(T=5)
-    for fast in (False, None):
-        policy = StreamingPolicy(make_model(), 2.0, fast=fast)
+    for backend in ("torch", "auto"):
+        policy = StreamingPolicy(make_model(), 2.0, backend=backend)
         state = policy.reset(1)
         a0, state = policy.predict(obs[:1], state)  # rows fresh from reset begin an episode
         a1, state = policy.predict(obs[1:2], state, reward=rewards[:1])
-        want = streamed_actions(StreamingPolicy(make_model(), 2.0, fast=False), obs[:2], [a0[0], a1[0]], rewards)
+        want = streamed_actions(StreamingPolicy(make_model(), 2.0, backend="torch"), obs[:2], [a0[0], a1[0]], rewards)
         assert np.abs(np.stack([a0[0], a1[0]]) - want).max() <= 1e-5

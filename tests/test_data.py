@@ -280,3 +280,27 @@ def test_unknown_minari_dataset(raw_episodes):
         load_dataset("test/pendulum/nothing-v0")
     with pytest.raises(ValueError, match="version suffix"):
         load_dataset("test/pendulum/tiny")
+
+
+def test_a_directory_named_like_a_file_is_said_to_be_a_directory(tmp_path):
+    (tmp_path / "x.hdf5").mkdir()
+    with pytest.raises(ValueError, match="x.hdf5 is a directory, not an HDF5 dataset file"):
+        load_dataset(tmp_path / "x.hdf5")
+
+
+def test_integer_actions_for_a_continuous_env_are_refused(tmp_path):
+    arrays = good_arrays()
+    arrays["actions"] = np.zeros(6, np.int64)
+    with pytest.raises(ValueError, match=r"'actions' are int64 of shape \(6,\), but Pendulum-v1's continuous "
+                                         r"actions are floats of shape \(steps, 1\)"):
+        load_dataset(write_h5(tmp_path / "int.hdf5", **arrays), env_id="Pendulum-v1")
+    arrays["actions"] = np.zeros((6, 2), np.float32)
+    with pytest.raises(ValueError, match="'actions' have 2 entries per step, but Pendulum-v1's continuous actions have 1"):
+        load_dataset(write_h5(tmp_path / "wide.hdf5", **arrays), env_id="Pendulum-v1")
+
+
+def test_a_file_without_any_episode_end_is_refused(tmp_path):
+    arrays = good_arrays()
+    arrays["timeouts"][:] = False
+    with pytest.raises(ValueError, match="noflags.hdf5: no step of 6 has a terminal or timeout flag"):
+        load_dataset(write_h5(tmp_path / "noflags.hdf5", **arrays), env_id="Pendulum-v1")

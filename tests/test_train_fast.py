@@ -16,9 +16,8 @@ import torch
 from aaren_rl.blocks import Backbone
 from aaren_rl.data import Episode, TrajectoryDataset
 from aaren_rl.layer import check_tokens
-from aaren_rl.model import DecisionModel
 from aaren_rl.train import (
-    TrainConfig, UpdateStep, make_capturable, make_optimizer, model_config_for, portable_state, resolve_compile, train,
+    TrainConfig, make_capturable, make_update_step, model_config_for, portable_state, resolve_compile, train,
 )
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -36,23 +35,12 @@ def tiny_update(ds, mode="none", device="cpu", context="episode", backbone="aare
                 capturable=False, batch=3, seed=0):
     mc = model_config_for(ds, backbone=backbone, context=context, context_len=6, embed_dim=16, n_layer=2,
                           dropout=dropout)
-    tc = TrainConfig(batch_size=batch, warmup_steps=3, learning_rate=1e-3, seed=seed)
-    ds.to(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def sample():
-        if context == "window":
-            return ds.sample_windows(batch, mc.context_len, gen)
-        return ds.sample_episodes(batch, gen, max_len=max_len)
-
-    torch.manual_seed(seed)
-    model = DecisionModel(mc, ds.obs_mean, ds.obs_std).to(device)
-    opt = make_optimizer(model, tc)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / 3, 1.0))
-    if capturable:
-        make_capturable(opt)
-    return model, UpdateStep(model, opt, sched, sample, mode=mode, amp=False, grad_clip=tc.grad_clip,
-                             generators=[gen])
+    tc = TrainConfig(batch_size=batch, warmup_steps=3, learning_rate=1e-3, seed=seed, compile=mode, amp=False,
+                     max_episode_len=max_len)
+    update = make_update_step(mc, tc, ds, device)  # training's own setup
+    if capturable:  # on the CPU too: the optimizer a graph needs, stepped eagerly
+        make_capturable(update.optimizer)
+    return update.model, update
 
 
 def losses_of(update, n):

@@ -1,8 +1,8 @@
-"""What the benchmarks share: describe the machine, time a callable, write a result file."""
+"""What the benchmarks share: describe the machine, time a callable (results are written with
+``aaren_rl.output``)."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -90,19 +90,3 @@ def time_ms(fn, device: str, warmup: int = 2, repeats: int = 10, budget_s: float
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
-
-
-def write_json(path: str | Path, payload: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1) + "\n")
-    return path
-
-
-def fmt(x, unit: str = "", nd: int = 2) -> str:
-    """A table cell: a number, or the status that stood in for it ('oom', 'timeout', ...)."""
-    if isinstance(x, str):
-        return x
-    if x is None:
-        return "-"
-    return f"{x:.{nd}f}{unit}"

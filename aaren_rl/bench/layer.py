@@ -1,6 +1,6 @@
 """Aaren stack vs Transformer stack: training time, peak memory, and per-token acting cost.
 
-Two measurements (issue 2):
+Two measurements:
 
 * **fwd+bwd**: a ``Backbone`` of 3 blocks, width 128, 1 head (Decision Transformer's defaults,
   dropout 0 so that only the mixers differ), one forward and one backward of a random batch,
@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..blocks import Backbone
+from ..output import cell, markdown_table, write_json
 from . import common
 
 DT_DEFAULTS = dict(n_layer=3, embed_dim=128, num_heads=1)  # Decision Transformer (Chen et al., 2021)
@@ -254,25 +255,25 @@ def available_backends(device: str) -> list[str]:
 
 
 def table_fwd_bwd(results: list[dict]) -> str:
-    lines = ["| tokens | batch | mixer | fwd+bwd ms | tokens/s | peak MB |", "|---:|---:|---|---:|---:|---:|"]
+    rows = []
     for r in results:
         c = r["config"]
         mixer = f"{c['kind']} ({c['backend']}{'' if c.get('layer_checks', True) else ', no layer check'})"
         ok = r["status"] == "ok"
-        lines.append(f"| {c['seq_len']} | {c['batch']} | {mixer} | {common.fmt(r['ms_median'] if ok else r['status'])} | "
-                     f"{common.fmt(r['tokens_per_s'], nd=0)} | {common.fmt(r['peak_mem_mb'], nd=1)} |")
-    return "\n".join(lines)
+        rows.append([c["seq_len"], c["batch"], mixer, cell(r["ms_median"] if ok else r["status"]),
+                     cell(r["tokens_per_s"], nd=0), cell(r["peak_mem_mb"], nd=1)])
+    return markdown_table(["tokens", "batch", "mixer", "fwd+bwd ms", "tokens/s", "peak MB"], rows, "rrlrrr")
 
 
 def table_step(rows: list[dict]) -> str:
-    lines = ["| mode (batch 1) | µs per token (median) | state bytes |", "|---|---:|---:|"]
-    lines += [f"| {r['mode']} | {r['us_median']:.0f} | {r['state_bytes']} |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(["mode (batch 1)", "µs per token (median)", "state bytes"],
+                          [[r["mode"], f"{r['us_median']:.0f}", r["state_bytes"]] for r in rows])
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to time the stacks (default: cuda if available, else cpu)")
+    p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="sequence lengths in tokens")
     p.add_argument("--batch", type=int, default=None,
                    help=f"batch size (default: {GPU_BATCH} on CUDA; {CPU_TOKENS} tokens / length on CPU)")
     p.add_argument("--backend", choices=["all", "plain", "triton"], default="all",
@@ -334,8 +335,8 @@ def run(args: argparse.Namespace) -> int:
             res = measure_fwd_bwd(cfg)
         results.append(asdict(res))
         print(f"  {cfg.kind:11s} {cfg.backend:6s} T={cfg.seq_len:6d} B={cfg.batch:3d}: "
-              f"{common.fmt(res.ms_median if res.status == 'ok' else res.status)} ms, "
-              f"peak {common.fmt(res.peak_mem_mb, nd=1)} MB", flush=True)
+              f"{cell(res.ms_median if res.status == 'ok' else res.status)} ms, "
+              f"peak {cell(res.peak_mem_mb, nd=1)} MB", flush=True)
     launches = []
     if args.count_launches:
         T = min(args.lengths)
@@ -352,7 +353,7 @@ def run(args: argparse.Namespace) -> int:
         fwd_bwd=results, step=steps, launches=launches,
     )
     path = args.json or common.RESULTS_DIR / f"layer_{device}_{common.machine_slug(info)}.json"
-    common.write_json(path, payload)
+    write_json(path, payload)
     print(f"\n{info.get('gpu') or info['cpu']} ({device}), torch {info['torch']}\n")
     print(table_fwd_bwd(results))
     if steps:

@@ -1,16 +1,21 @@
-"""The Aaren scan alone: plain (``layer.prefix_scan`` + readout) vs the fused Triton kernel.
+"""The Aaren scan alone: the fused Triton kernel vs the plain scan (``layer.prefix_scan`` + readout).
 
-Times forward and backward of s (B, H, T), v (B, H, T, Dh) -> o, and turns the kernel's times
-into achieved memory bandwidth, compared with a device-to-device copy measured in the same run.
-Bytes counted are those the implementation must move at least once:
+Two measurements per shape, every time a CUDA-graph replay (device time, as in training, where
+the whole update runs as a graph; the host's launch gaps left out alike):
+
+* **the layer's scan**, as ``Aaren.forward`` runs it: from the packed projection sv (B, T, F) =
+  (values | one score per head | zero columns) to o, forward and forward+backward (autograd),
+  with the fused kernel (``kernels.aaren_scan_packed``) and with the plain scan. Like for like.
+* **the kernels alone** (``triton_scan.scan_forward`` / ``scan_backward`` on s (B, H, T),
+  v (B, H, T, Dh)), turned into achieved memory bandwidth, compared with a device-to-device copy
+  measured in the same run. Bytes counted are those the kernels must move at least once:
 
 * forward: read s, v; write o, and r, u (two float32 per token and head, kept for the backward);
 * backward: read s, v, o, g, r, u; write dv and ds (the shares of ds per Dh block, summed after
   the kernel, are left out: 4 bytes per token and Dh block).
 
-The kernel is timed as replays of a CUDA graph (``graphed_ms``): device time, as in training,
-where the step runs as a graph too. ``--tune`` also tries kernel settings and uses the fastest
-(the kernel's defaults in ``kernels/triton_scan.py`` come from such a run).
+``--tune`` also tries kernel settings and uses the fastest (the kernel's defaults in
+``kernels/triton_scan.py`` come from such a run).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import itertools
 
 import torch
 
+from ..output import cell, markdown_table, write_json
 from . import common
 
 SHAPES = [  # (B, H, T, Dh, dtype): the layer bench's shapes at 3000 tokens (float32, and bf16 as
@@ -42,9 +48,21 @@ def _inputs(B, H, T, D, device, n_sets, dtype="float32"):
              torch.randn(B, H, T, D, generator=gen, device=device).to(dt)) for _ in range(n_sets)]
 
 
-def _plain(s, v):
+def _packed(s, v):
+    """sv (B, T, F) as the layer packs it: values, one score per head, zero columns up to a multiple of 8."""
+    B, H, T, D = v.shape
+    pad = -(H * D + H) % 8
+    return torch.cat([v.transpose(1, 2).reshape(B, T, H * D), s.transpose(1, 2),
+                      s.new_zeros(B, T, pad)], -1).contiguous()
+
+
+def _plain_packed(sv, num_heads, head_dim):
+    """The plain path of ``Aaren.forward`` on a packed projection (no padding)."""
     from ..layer import _readout, prefix_scan
 
+    B, T, _ = sv.shape
+    v = sv[..., :num_heads * head_dim].view(B, T, num_heads, head_dim).transpose(1, 2)
+    s = sv[..., num_heads * head_dim:num_heads * (head_dim + 1)].transpose(1, 2)
     _, u, w = prefix_scan(s, torch.ones_like(s), v)
     return _readout(u, w)
 
@@ -116,18 +134,19 @@ def measure(B, H, T, D, dtype, device, fwd_cfg=None, bwd_cfg=None, plain=True, r
     row["bwd_bytes"] = 4 * tensor_bytes + n * (2 * size + 8)  # g, o, v, dv; s, ds; r, u
     row["triton_fwd_GBps"] = row["fwd_bytes"] / (row["triton_fwd_ms"] / 1e3) / 1e9
     row["triton_bwd_GBps"] = row["bwd_bytes"] / (row["triton_bwd_ms"] / 1e3) / 1e9
-    if plain:
+    if plain:  # the layer's scan from its packed projection, fused and plain, both graphed
+        from ..kernels import aaren_scan_packed
+
         s0, v0, g0 = sets[0]
-        try:
-            row["plain_fwd_ms"] = common.median(common.time_ms(lambda: _plain(s0, v0), device, 2, repeats))
-            sg, vg = s0.clone().requires_grad_(), v0.clone().requires_grad_()
-
-            def plain_fwd_bwd():
-                _plain(sg, vg).backward(g0)
-
-            row["plain_fwd_bwd_ms"] = common.median(common.time_ms(plain_fwd_bwd, device, 2, repeats))
-        except torch.OutOfMemoryError:
-            row["plain_fwd_ms"] = row["plain_fwd_bwd_ms"] = "oom"
+        sv = _packed(s0, v0).requires_grad_()
+        for name, scan in (("triton", aaren_scan_packed), ("plain", _plain_packed)):
+            try:
+                row[f"{name}_layer_fwd_ms"] = common.median(graphed_ms([lambda: scan(sv.detach(), H, D)], repeats))
+                row[f"{name}_layer_fwd_bwd_ms"] = common.median(graphed_ms(
+                    [lambda: torch.autograd.grad(scan(sv, H, D), sv, g0)], repeats))
+            except torch.OutOfMemoryError:
+                row[f"{name}_layer_fwd_ms"] = row[f"{name}_layer_fwd_bwd_ms"] = "oom"
+                torch.cuda.empty_cache()
     del sets, saved
     torch.cuda.empty_cache()
     return row
@@ -192,16 +211,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"tuned: {tuned}")
     rows = [measure(*shape, device) for shape in SHAPES]
     path = args.json or common.RESULTS_DIR / f"scan_cuda_{common.machine_slug(info)}.json"
-    common.write_json(path, dict(benchmark="scan", machine=info, copy_GBps=copy, tuned=tuned, config=ts.DEFAULTS,
-                                         launch_overhead_us=overhead, rows=rows))
+    write_json(path, dict(benchmark="scan", machine=info, copy_GBps=copy, tuned=tuned, config=ts.DEFAULTS,
+                          launch_overhead_us=overhead, timing="every time a CUDA-graph replay", rows=rows))
     print(f"\n{info['gpu']}: device copy {copy:.0f} GB/s (read + write); host time per call "
-          f"fwd {overhead['fwd']:.0f} µs, bwd {overhead['bwd']:.0f} µs; kernel settings {ts.DEFAULTS}\n")
-    print("| B, H, T, Dh, dtype | triton fwd ms | GB/s | % copy | triton bwd ms | GB/s | % copy | plain fwd ms | plain fwd+bwd ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['B']}, {r['H']}, {r['T']}, {r['Dh']}, {r['dtype']} | {r['triton_fwd_ms']:.3f} | {r['triton_fwd_GBps']:.0f} | "
-              f"{100 * r['triton_fwd_GBps'] / copy:.0f}% | {r['triton_bwd_ms']:.3f} | {r['triton_bwd_GBps']:.0f} | "
-              f"{100 * r['triton_bwd_GBps'] / copy:.0f}% | {common.fmt(r.get('plain_fwd_ms'), nd=3)} | "
-              f"{common.fmt(r.get('plain_fwd_bwd_ms'), nd=3)} |")
+          f"fwd {overhead['fwd']:.0f} µs, bwd {overhead['bwd']:.0f} µs; kernel settings {ts.DEFAULTS}")
+    print("\nThe layer's scan from its packed projection (CUDA-graph replays, ms):\n")
+    print(markdown_table(["B, H, T, Dh, dtype", "triton fwd", "plain fwd", "triton fwd+bwd", "plain fwd+bwd"], [
+        [f"{r['B']}, {r['H']}, {r['T']}, {r['Dh']}, {r['dtype']}", cell(r.get("triton_layer_fwd_ms"), nd=3),
+         cell(r.get("plain_layer_fwd_ms"), nd=3), cell(r.get("triton_layer_fwd_bwd_ms"), nd=3),
+         cell(r.get("plain_layer_fwd_bwd_ms"), nd=3)] for r in rows]))
+    print("\nThe Triton kernels alone (CUDA-graph replays):\n")
+    print(markdown_table(["B, H, T, Dh, dtype", "fwd ms", "GB/s", "% copy", "bwd ms", "GB/s", "% copy"], [
+        [f"{r['B']}, {r['H']}, {r['T']}, {r['Dh']}, {r['dtype']}", f"{r['triton_fwd_ms']:.3f}",
+         f"{r['triton_fwd_GBps']:.0f}", f"{100 * r['triton_fwd_GBps'] / copy:.0f}%", f"{r['triton_bwd_ms']:.3f}",
+         f"{r['triton_bwd_GBps']:.0f}", f"{100 * r['triton_bwd_GBps'] / copy:.0f}%"] for r in rows]))
     print(f"\nwrote {path}")
     return 0

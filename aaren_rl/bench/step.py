@@ -1,30 +1,30 @@
-"""Acting cost of a whole agent, one environment step at a time (issue 5, CPU).
+"""Acting cost of a whole agent, one environment step at a time, on the CPU.
 
 The agents have Decision Transformer's MuJoCo setting (3 layers, width 128, 1 head, K = 20) and
 HalfCheetah's shapes (observation 17, action 6). All of them run in one process, one torch thread,
-eval mode. They are timed in interleaved rounds, so that a change in the machine's load hits all
-of them alike:
+eval mode, through ``StreamingPolicy.predict`` (input checks and episode bookkeeping included).
+They are timed in interleaved rounds, so that a change in the machine's load hits all of them
+alike:
 
-* ``aaren_fast``: ``FastAarenPolicy.predict``, the compiled C step (``kernels/cpu_step``) with the
-  policy's bookkeeping, NumPy in and out. This is the number the target is about.
-* ``aaren_fast_bf16``: the same with the layers' weights in bfloat16 (AVX512_BF16 CPUs only;
+* ``aaren_compiled``: Decision Aaren with the compiled C step as its backend (``backends.CompiledStep``,
+  the default on a CPU with a C compiler).
+* ``aaren_compiled_bf16``: the same with the layers' weights in bfloat16 (AVX512_BF16 CPUs only;
   not exact: the optional variant).
-* ``aaren_fast_predict``: ``StreamingPolicy.predict`` with the same C step inside (``fast=None``,
-  the default): the C call plus ``predict``'s torch bookkeeping (input checks, state tuples).
-* ``aaren_eager``: ``StreamingPolicy(fast=False)``, the torch reference, (a_{t-1}, R_t, s_t) as one
-  3-token chunk through ``Backbone.step``.
+* ``aaren_torch``: Decision Aaren with the PyTorch backend, (a_{t-1}, R_t, s_t) as one 3-token
+  chunk through ``Backbone.step``.
 * ``dt_window``: the Decision Transformer baseline as DT evaluates it: recompute the last K = 20
   timesteps (60 tokens) at every step.
 * ``dt_kvcache``: the Decision Transformer with a key/value cache that holds the whole episode,
   timed at t = ``--history`` (3 x history tokens in the cache).
 
-The torch policies are timed from a fixed state at t = ``--history`` (each call starts from the
-same state, so the DT cache does not grow while it is timed); ``aaren_fast`` runs on (its cost
-does not depend on t). Each sample is one call; the table gives medians. glibc is told to serve
-large blocks from its heap (``--malloc heap``, see ``heap_allocations``), which makes the DT cache
-step ~3x faster than with the default allocator settings.
+Every policy is first run for ``--history`` steps. The DT cache is timed from that fixed state
+(a copy, made before each timed call, so that the cache does not grow while it is timed); the
+others run on (their cost does not depend on t). Each sample is one call; the table gives
+medians. glibc is told to serve large blocks from its heap (``--malloc heap``, see
+``heap_allocations``), which makes the DT cache step ~3x faster than with the default allocator
+settings.
 
-Memory: the lean Aaren policy runs for ``--aaren-steps`` environment steps (one episode; the
+Memory: the Aaren policy runs for ``--aaren-steps`` environment steps (one episode; the
 timestep embedding clamps after ``max_timestep``), recording its state bytes, the process's
 resident set and the step time at log-spaced steps; the DT policy with a cache runs for up to
 ``--dt-steps`` steps (or ``--memory-budget-s``), recording its cache bytes the same way.
@@ -45,18 +45,18 @@ import torch
 
 from ..model import DecisionModel, ModelConfig
 from ..policy import StreamingPolicy
+from ..output import markdown_table, write_json
 from . import common
 
 OBS_DIM, ACT_DIM = 17, 6  # HalfCheetah
-TARGET = 6000.0  # DT's HalfCheetah target return
-METHODS = ("aaren_fast", "aaren_fast_bf16", "aaren_fast_predict", "aaren_eager", "dt_window", "dt_kvcache")
+TARGET_RETURN = 6000.0  # DT's HalfCheetah target return
+METHODS = ("aaren_compiled", "aaren_compiled_bf16", "aaren_torch", "dt_window", "dt_kvcache")
 LABELS = {
-    "aaren_fast": "Decision Aaren, compiled step (FastAarenPolicy)",
-    "aaren_fast_bf16": "Decision Aaren, compiled step, bf16 weights (inexact)",
-    "aaren_fast_predict": "Decision Aaren, compiled step in StreamingPolicy.predict",
-    "aaren_eager": "Decision Aaren, torch reference step",
-    "dt_window": "Decision Transformer, window recompute (K = 20)",
-    "dt_kvcache": "Decision Transformer, key/value cache",
+    "aaren_compiled": "Decision Aaren, compiled C step",
+    "aaren_compiled_bf16": "Decision Aaren, compiled C step, bf16 weights (inexact)",
+    "aaren_torch": "Decision Aaren, PyTorch step (eager)",
+    "dt_window": "Decision Transformer, window recompute (K = 20, eager)",
+    "dt_kvcache": "Decision Transformer, key/value cache (eager)",
 }
 
 
@@ -103,38 +103,31 @@ class Inputs:
 
 
 def make_stepper(method: str, n: int, history: int, models: dict):
-    """A callable doing one environment step of ``method`` for ``n`` envs, after ``history`` steps."""
-    from ..kernels.cpu_step import FastAarenPolicy
+    """A callable doing one environment step of ``method`` for ``n`` envs, after ``history`` steps.
+    Its ``prepare`` (if any) runs untimed before each timed call."""
+    from ..backends import CompiledStep
 
     inp = Inputs(n)
-    if method in ("aaren_fast", "aaren_fast_bf16"):
-        policy = FastAarenPolicy(models["aaren"], TARGET, n, precision="bfloat16" if method.endswith("bf16") else "float32")
-        for _ in range(history):
-            policy.predict(*inp.next()[:1], reward=inp.next()[1])
-
-        def step():
-            o, r = inp.next()
-            policy.predict(o, reward=r)
-
-        step.state_bytes = policy.state_nbytes()
-        return step
     model = models["transformer" if method.startswith("dt") else "aaren"]
     mode = "window" if method == "dt_window" else "recurrent"
-    fast = {"aaren_fast_predict": True, "aaren_eager": False}.get(method, None)
-    policy = StreamingPolicy(model, TARGET, mode=mode, fast=fast)
+    backend = {"aaren_compiled": "compiled", "aaren_torch": "torch"}.get(method, "auto")
+    if method == "aaren_compiled_bf16":
+        backend = CompiledStep(model, precision="bfloat16")
+    policy = StreamingPolicy(model, TARGET_RETURN, mode=mode, backend=backend)
     state = None
-    warm = min(history, 3 * policy.K) if method == "dt_window" else history  # the window is full after K
+    warm = min(history, 3 * policy.model.config.context_len) if method == "dt_window" else history  # full after K
     for t in range(warm):
         o, r = inp.next()
         _, state = policy.predict(o, state, reward=None if t == 0 else r)
-    fixed = state
+    fixed, current = state, [state]
 
     def step():
         o, r = inp.next()
-        policy.predict(o, fixed, reward=r)
+        policy.predict(o, current[0], reward=r)
 
-    step.state_bytes = (policy.state_nbytes(fixed) if mode == "recurrent"
-                        else sum(t.numel() * t.element_size() for t in fixed.window.values()))
+    if method == "dt_kvcache":  # time it at t = history: each call from a copy of that state
+        step.prepare = lambda: current.__setitem__(0, fixed.copy())
+    step.state_bytes = policy.state_nbytes(fixed)
     return step
 
 
@@ -143,11 +136,15 @@ def time_interleaved(steppers: dict, rounds: int, block_s: float) -> dict[str, l
     samples = {k: [] for k in steppers}
     for fn in steppers.values():  # warm-up
         for _ in range(3):
+            getattr(fn, "prepare", lambda: None)()
             fn()
     for _ in range(rounds):
         for key, fn in steppers.items():
+            prepare = getattr(fn, "prepare", None)
             t_end = time.perf_counter() + block_s
             while True:
+                if prepare is not None:
+                    prepare()
                 t0 = time.perf_counter()
                 fn()
                 t1 = time.perf_counter()
@@ -163,34 +160,34 @@ def log_points(n: int, per_decade: int = 4) -> list[int]:
 
 
 def memory_aaren(model, steps: int, time_block: int = 200) -> dict:
-    """Run the lean policy for ``steps`` steps; at log-spaced steps: state bytes, RSS, step time."""
-    from ..kernels.cpu_step import FastAarenPolicy
-
-    policy = FastAarenPolicy(model, TARGET, 1)
+    """Run the Aaren policy for ``steps`` steps; at log-spaced steps: state bytes, RSS, step time."""
+    policy = StreamingPolicy(model, TARGET_RETURN)
     inp = Inputs(1)
+    o, _ = inp.next()
+    _, state = policy.predict(o)
     points = log_points(steps)
     rows, step, t_start = [], 0, time.perf_counter()
     rss0 = rss_bytes()
     for p in points:
         while step < p:
             o, r = inp.next()
-            policy.predict(o, reward=r)
+            policy.predict(o, state, reward=r)
             step += 1
         times = []
         for _ in range(time_block if p < steps else 0):  # timed steps count as steps seen
             o, r = inp.next()
             t0 = time.perf_counter()
-            policy.predict(o, reward=r)
+            policy.predict(o, state, reward=r)
             times.append((time.perf_counter() - t0) * 1e6)
             step += 1
-        rows.append({"step": p, "state_bytes": policy.state_nbytes(), "rss_bytes": rss_bytes(),
+        rows.append({"step": p, "state_bytes": policy.state_nbytes(state), "rss_bytes": rss_bytes(),
                      "us_per_step": statistics.median(times) if times else None})
     return {"steps": step, "seconds": time.perf_counter() - t_start, "rss_start_bytes": rss0, "points": rows}
 
 
 def memory_transformer(model, steps: int, budget_s: float) -> dict:
     """The DT policy with a whole-episode cache: cache bytes, RSS and step time as it grows."""
-    policy = StreamingPolicy(model, TARGET, mode="recurrent")
+    policy = StreamingPolicy(model, TARGET_RETURN, mode="recurrent")
     inp = Inputs(1)
     points = set(log_points(steps))
     rows, state, times, t_start = [], None, [], time.perf_counter()
@@ -204,7 +201,7 @@ def memory_transformer(model, steps: int, budget_s: float) -> dict:
         step += 1
         over = time.perf_counter() - t_start > budget_s
         if step in points or over:
-            rows.append({"step": step, "cache_bytes": sum(s.nbytes() for s in state.backbone), "rss_bytes": rss_bytes()})
+            rows.append({"step": step, "cache_bytes": policy.state_nbytes(state), "rss_bytes": rss_bytes()})
         if over:
             break
     for row in rows:  # the step time around each point: the median over the next ~5% of steps (at least 9)
@@ -221,15 +218,14 @@ def plot(payload: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_m, ax_r) = plt.subplots(1, 3, figsize=(16, 6))
-    ma, mt = payload["memory"]["aaren_fast"], payload["memory"]["dt_kvcache"]
+    ma, mt = payload["memory"]["aaren_compiled"], payload["memory"]["dt_kvcache"]
     pa = [p for p in ma["points"] if p["us_per_step"] is not None]
-    ax_t.plot([p["step"] for p in pa], [p["us_per_step"] for p in pa], "o-", label=LABELS["aaren_fast"])
+    ax_t.plot([p["step"] for p in pa], [p["us_per_step"] for p in pa], "o-", label=LABELS["aaren_compiled"])
     ax_t.plot([p["step"] for p in mt["points"]], [p["us_per_step"] for p in mt["points"]], "s-", label=LABELS["dt_kvcache"])
     b1 = {r["method"]: r for r in payload["timing"] if r["batch"] == 1}
-    for key, style in (("dt_window", "--"), ("aaren_eager", ":"), ("aaren_fast_predict", "-.")):
+    for key, style in (("dt_window", "--"), ("aaren_torch", ":")):
         if key in b1:
             ax_t.axhline(b1[key]["us_per_env_step"], ls=style, color="gray", label=LABELS[key] + " (flat in t)")
-    ax_t.axhline(60, color="red", lw=0.8, label="target: 60 us")
     ax_t.set(xscale="log", yscale="log", xlabel="environment steps seen", ylabel="us per environment step (batch 1, median)",
              title="time per environment step")
     ax_t.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1)
@@ -256,14 +252,14 @@ def plot(payload: dict, path: Path) -> Path:
     return path
 
 
-def table(rows: list[dict], ref_key: str = "aaren_fast") -> str:
+def table(rows: list[dict], ref_key: str = "aaren_compiled") -> str:
     ref = {r["batch"]: r["us_per_env_step"] for r in rows if r["method"] == ref_key}
-    out = ["| agent | batch | us per call | us per env step | p10-p90 (per call) | x aaren_fast | state bytes |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        out.append(f"| {LABELS[r['method']]} | {r['batch']} | {r['us_per_call']:.1f} | {r['us_per_env_step']:.1f} | "
-                   f"{r['p10']:.0f}-{r['p90']:.0f} | {r['us_per_env_step'] / ref[r['batch']]:.1f} | {r['state_bytes']:,} |")
-    return "\n".join(out)
+    header = ["agent", "batch", "us per call", "us per env step", "p10-p90 (per call)", f"x {ref_key}", "state bytes"]
+    return markdown_table(header, [
+        [LABELS[r["method"]], r["batch"], f"{r['us_per_call']:.1f}", f"{r['us_per_env_step']:.1f}",
+         f"{r['p10']:.0f}-{r['p90']:.0f}",
+         f"{r['us_per_env_step'] / ref[r['batch']]:.1f}" if r["batch"] in ref else "-", f"{r['state_bytes']:,}"]
+        for r in rows])
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -304,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
     timing = []
     for n in args.batch:
         print(f"batch {n}: preparing states at t = {args.history} ...", flush=True)
-        methods = [m for m in METHODS if m != "aaren_fast_bf16" or cpu_step.load_library().aaren_has_bf16()]
+        methods = [m for m in METHODS if m != "aaren_compiled_bf16" or cpu_step.has_bf16()]
         steppers = {m: make_stepper(m, n, args.history, models) for m in methods}
         samples = time_interleaved(steppers, args.rounds, args.block_s)
         for m in methods:
@@ -331,14 +327,14 @@ def run(args: argparse.Namespace) -> int:
     if b1:
         # the default policy (StreamingPolicy.predict, which runs the compiled step) is the headline
         headline = {
-            "aaren_us_per_step": b1["aaren_fast_predict"],
-            "aaren_lean_us_per_step": b1["aaren_fast"],
-            "aaren_bf16_us_per_step": b1.get("aaren_fast_bf16"),
-            "aaren_eager_us_per_step": b1["aaren_eager"],
+            "aaren_us_per_step": b1["aaren_compiled"],
+            "aaren_bf16_us_per_step": b1.get("aaren_compiled_bf16"),
+            "aaren_torch_us_per_step": b1["aaren_torch"],
             "dt_window_us_per_step": b1["dt_window"],
             "dt_kvcache_us_per_step": b1["dt_kvcache"],
-            "dt_window_over_aaren": b1["dt_window"] / b1["aaren_fast_predict"],
-            "dt_kvcache_over_aaren": b1["dt_kvcache"] / b1["aaren_fast_predict"],
+            "dt_window_over_aaren": b1["dt_window"] / b1["aaren_compiled"],
+            "dt_kvcache_over_aaren": b1["dt_kvcache"] / b1["aaren_compiled"],
+            "dt_window_over_aaren_torch": b1["dt_window"] / b1["aaren_torch"],
         }
     payload = {
         "benchmark": "step", "machine": info, "load_before": load_before, "load_after": os.getloadavg(),
@@ -348,19 +344,19 @@ def run(args: argparse.Namespace) -> int:
         "aaren_state_bytes": mem_a["points"][-1]["state_bytes"],
         "dt_kvcache_bytes_at_history": next((r["state_bytes"] for r in timing if r["method"] == "dt_kvcache"), None),
         "timing": timing,
-        "memory": {"aaren_fast": mem_a, "dt_kvcache": mem_t},
+        "memory": {"aaren_compiled": mem_a, "dt_kvcache": mem_t},
         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list, bool, type(None)))},
     }
     path = Path(args.json) if args.json else common.RESULTS_DIR / f"step_cpu_{common.machine_slug(info)}.json"
-    common.write_json(path, payload)
+    write_json(path, payload)
     png = plot(payload, Path(args.plot) if args.plot else path.with_suffix(".png"))
     print()
     print(table(timing))
     if headline:
-        print(f"\ntargets at batch 1 (StreamingPolicy.predict; FastAarenPolicy alone "
-              f"{headline['aaren_lean_us_per_step']:.1f} us): aaren {headline['aaren_us_per_step']:.1f} us (<= 60); "
-              f"window / aaren {headline['dt_window_over_aaren']:.1f}x (>= 40); "
-              f"kv cache at t = {args.history} / aaren {headline['dt_kvcache_over_aaren']:.1f}x (>= 5)")
+        print(f"\nbatch 1: Decision Aaren (compiled step) {headline['aaren_us_per_step']:.1f} us; DT window "
+              f"recompute / it {headline['dt_window_over_aaren']:.1f}x (eager DT against compiled C; eager against "
+              f"eager: {headline['dt_window_over_aaren_torch']:.1f}x); DT key/value cache at t = {args.history} / it "
+              f"{headline['dt_kvcache_over_aaren']:.1f}x")
     print(f"load before {load_before[0]:.2f}, after {payload['load_after'][0]:.2f}")
     print(f"wrote {path} and {png}")
     return 0

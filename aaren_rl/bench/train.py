@@ -1,8 +1,7 @@
 """Training throughput: updates per second of the whole training step, eager vs fast paths.
 
-Issue 5 asks for at least 1000 updates/s at batch 64, K = 20 on an H200 (a 100k-update run in
-under two minutes), and for the Aaren stack's forward+backward to take at most the Transformer
-stack's time at 60 tokens. Two measurements:
+How long a 100k-update run takes at batch 64, K = 20, and how the Aaren stack's forward+backward
+compares with the Transformer stack's. Two measurements:
 
 * **update**: ``train.UpdateStep`` exactly as ``train()`` runs it (sample a batch on the GPU by
   tensor indexing, forward in bf16 autocast, loss, backward, clip, AdamW, schedule), for
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from ..blocks import Backbone
+from ..output import cell, markdown_table, write_json
 from . import common
 from .layer import DT_DEFAULTS, _scan_backend
 
@@ -42,7 +42,6 @@ AGENTS = {  # name: model overrides, batch size
     "decision_transformer/window": (dict(backbone="transformer", context="window", context_len=20), 64),
     "decision_aaren/episode-b16": (dict(backbone="aaren", context="episode"), 16),  # the preset's batch
 }
-TARGET_UPDATES_PER_S = 1000.0  # issue 5, batch 64, K = 20
 
 
 def synthetic_dataset(episodes: int = 200, episode_len: int = 1000, obs_dim: int = 17, act_dim: int = 6,
@@ -60,31 +59,14 @@ def synthetic_dataset(episodes: int = 200, episode_len: int = 1000, obs_dim: int
 
 def build_update(agent: str, mode: str, dataset, device: torch.device, batch: int | None = None, seed: int = 0,
                  amp: bool = True):
-    """The model and an ``UpdateStep`` set up as ``train()`` sets them up."""
-    from ..model import DecisionModel
-    from ..train import TrainConfig, UpdateStep, make_capturable, make_optimizer, model_config_for
+    """The model and an ``UpdateStep`` as ``train()`` sets them up (``train.make_update_step``)."""
+    from ..train import TrainConfig, make_update_step, model_config_for
 
     overrides, default_batch = AGENTS[agent]
     mc = model_config_for(dataset, **overrides)
-    tc = TrainConfig(batch_size=batch or default_batch, compile=mode, seed=seed)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    max_len = dataset.max_episode_length if mode != "none" else None
-
-    def sample_batch():
-        if mc.context == "window":
-            return dataset.sample_windows(tc.batch_size, mc.context_len, gen)
-        return dataset.sample_episodes(tc.batch_size, gen, max_len=max_len)
-
-    torch.manual_seed(seed)
-    model = DecisionModel(mc, dataset.obs_mean, dataset.obs_std).to(device).train()
-    optimizer = make_optimizer(model, tc)
-    warmup = tc.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 1.0))
-    if "cudagraph" in mode:
-        make_capturable(optimizer)
-    update = UpdateStep(model, optimizer, scheduler, sample_batch, mode=mode, amp=amp and device.type == "cuda",
-                        grad_clip=tc.grad_clip, generators=[gen])
-    return model, update, tc.batch_size
+    tc = TrainConfig(batch_size=batch or default_batch, compile=mode, seed=seed, amp=amp)
+    update = make_update_step(mc, tc, dataset, device)
+    return update.model, update, tc.batch_size
 
 
 @dataclass
@@ -274,24 +256,20 @@ def profile_stack(kind: str, seq_len: int, batch: int = 64, calls: int = 5) -> d
 
 def table_updates(rows: list[dict]) -> str:
     eager = {r["agent"]: r for r in rows if r["mode"] == "none" and r["amp"] and r["status"] == "ok"}
-    lines = ["| agent | batch | tokens | mode | updates/s | ms/update | vs eager | vs 1000/s | 100k updates | "
-             "max rel. loss diff vs eager | peak MB |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    header = ["agent", "batch", "tokens", "mode", "updates/s", "ms/update", "vs eager", "100k updates",
+              "max rel. loss diff vs eager", "peak MB"]
+    out = []
     for r in rows:
-        r = dict(r, mode=r["mode"] + ("" if r["amp"] else " (float32)"))
+        mode = r["mode"] + ("" if r["amp"] else " (float32)")
         if r["status"] != "ok":
-            lines.append(f"| {r['agent']} | {r['batch']} | {r['tokens']} | {r['mode']} | {r['status'][:60]} "
-                         "| | | | | | |")
+            out.append([r["agent"], r["batch"], r["tokens"], mode, r["status"][:60]] + [""] * 5)
             continue
         e = eager.get(r["agent"])
         speedup = f"{r['updates_per_s'] / e['updates_per_s']:.1f}x" if e else "-"
-        minutes = 1e5 / r["updates_per_s"] / 60
-        lines.append(
-            f"| {r['agent']} | {r['batch']} | {r['tokens']} | {r['mode']} | {r['updates_per_s']:.0f} | "
-            f"{r['ms_per_update']:.2f} | {speedup} | {r['updates_per_s'] / TARGET_UPDATES_PER_S:.2f} | "
-            f"{minutes:.1f} min | {common.fmt(r['max_rel_loss_diff_vs_eager'], nd=4)} | "
-            f"{common.fmt(r['peak_mem_mb'], nd=0)} |")
-    return "\n".join(lines)
+        out.append([r["agent"], r["batch"], r["tokens"], mode, f"{r['updates_per_s']:.0f}", f"{r['ms_per_update']:.2f}",
+                    speedup, f"{1e5 / r['updates_per_s'] / 60:.1f} min", cell(r["max_rel_loss_diff_vs_eager"], nd=4),
+                    cell(r["peak_mem_mb"], nd=0)])
+    return markdown_table(header, out, "lrrl" + "r" * 6)
 
 
 def _launch(r: dict) -> str:
@@ -302,29 +280,26 @@ def _launch(r: dict) -> str:
 
 def table_stack(rows: list[dict]) -> str:
     by = {(r["kind"], r["seq_len"], _launch(r), r["dtype"]): r for r in rows}
-    lines = ["| tokens | dtype | launch | Aaren ms | Transformer ms | Aaren / Transformer | Aaren MB | Transformer MB |",
-             "|---:|---|---|---:|---:|---:|---:|---:|"]
+    header = ["tokens", "dtype", "launch", "Aaren ms", "Transformer ms", "Aaren / Transformer", "Aaren MB",
+              "Transformer MB"]
+    out = []
     for (kind, T, launch, dtype), a in by.items():
         if kind != "aaren":
             continue
         t = by.get(("transformer", T, launch, dtype))
         ok = a["status"] == "ok" and t is not None and t["status"] == "ok"
-        ratio = f"{a['ms_median'] / t['ms_median']:.2f}" if ok else "-"
-        lines.append(f"| {T} | {dtype} | {launch} | "
-                     f"{common.fmt(a['ms_median'] if a['status'] == 'ok' else a['status'][:40])} | "
-                     f"{common.fmt(t['ms_median'] if t and t['status'] == 'ok' else (t or {}).get('status', '-')[:40])} | "
-                     f"{ratio} | {common.fmt(a['peak_mem_mb'], nd=0)} | {common.fmt((t or {}).get('peak_mem_mb'), nd=0)} |")
-    return "\n".join(lines)
+        out.append([T, dtype, launch, cell(a["ms_median"] if a["status"] == "ok" else a["status"][:40]),
+                    cell(t["ms_median"] if t and t["status"] == "ok" else (t or {}).get("status", "-")[:40]),
+                    f"{a['ms_median'] / t['ms_median']:.2f}" if ok else "-", cell(a["peak_mem_mb"], nd=0),
+                    cell((t or {}).get("peak_mem_mb"), nd=0)])
+    return markdown_table(header, out, "rll" + "r" * 5)
 
 
 def table_profile(rows: list[dict]) -> str:
-    lines = ["| tokens | stack | mixer ms | matrix products ms | rest ms | total kernel ms |",
-             "|---:|---|---:|---:|---:|---:|"]
-    for r in rows:
-        g = r["groups"]
-        lines.append(f"| {r['seq_len']} | {r['kind']} | {g['mixer']:.3f} | {g['matrix products']:.3f} | "
-                     f"{g['rest']:.3f} | {r['total_ms']:.3f} |")
-    return "\n".join(lines)
+    header = ["tokens", "stack", "mixer ms", "matrix products ms", "rest ms", "total kernel ms"]
+    return markdown_table(header, [[r["seq_len"], r["kind"], f"{r['groups']['mixer']:.3f}",
+                                    f"{r['groups']['matrix products']:.3f}", f"{r['groups']['rest']:.3f}",
+                                    f"{r['total_ms']:.3f}"] for r in rows], "rl" + "r" * 4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,8 +307,9 @@ def table_profile(rows: list[dict]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--agents", nargs="+", choices=list(AGENTS), default=list(AGENTS))
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to train (default: cuda if available, else cpu)")
+    p.add_argument("--agents", nargs="+", choices=list(AGENTS), default=list(AGENTS), help="agents to time")
     p.add_argument("--modes", nargs="+", default=None,
                    help="compile modes (default on CUDA: none cudagraph torch.compile torch.compile+cudagraph; "
                         "on CPU: none)")
@@ -343,14 +319,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=None, help="override every agent's batch size")
     p.add_argument("--updates", type=int, default=300, help="updates per timed round (window context)")
     p.add_argument("--episode-updates", type=int, default=20, help="updates per timed round (episode context)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per setting")
     p.add_argument("--episodes", type=int, default=200, help="synthetic episodes")
-    p.add_argument("--episode-len", type=int, default=1000)
+    p.add_argument("--episode-len", type=int, default=1000, help="steps per synthetic episode")
     p.add_argument("--stack-lengths", type=int, nargs="*", default=[60, 3000],
                    help="CUDA: stack fwd+bwd lengths (none: skip)")
     p.add_argument("--stack-modes", nargs="*", default=["eager", "cudagraph"],
-                   choices=["eager", "cudagraph", "torch.compile+cudagraph"])
-    p.add_argument("--stack-dtypes", nargs="*", default=["float32", "bf16"], choices=["float32", "bf16"])
+                   choices=["eager", "cudagraph", "torch.compile+cudagraph"], help="CUDA: how the stacks run")
+    p.add_argument("--stack-dtypes", nargs="*", default=["float32", "bf16"], choices=["float32", "bf16"],
+                   help="CUDA: the stacks' precisions")
     p.add_argument("--fp32-graph", action="store_true", help="also time the CUDA-graph update in float32")
     p.add_argument("--profile-lengths", type=int, nargs="*", default=[],
                    help="also profile the compiled bf16 stacks' kernels at these token counts "
@@ -375,13 +352,13 @@ def run(args: argparse.Namespace) -> int:
         return args.budget_s is not None and time.perf_counter() - t_start > args.budget_s
 
     def save():
-        common.write_json(path, dict(
+        write_json(path, dict(
             benchmark="train", machine=info, model=dict(DT_DEFAULTS, dropout=0.1, obs_dim=17, act_dim=6),
             dataset=dict(episodes=args.episodes, episode_len=args.episode_len, synthetic=True),
             method=("updates/s: median over rounds of N updates, one sync per round (a log line); first "
                     "losses read one per update and compared with mode 'none'. stack: median of CUDA-event "
                     "times of one fwd+bwd; peak memory: max_memory_allocated minus allocated before"),
-            target_updates_per_s=TARGET_UPDATES_PER_S, updates=updates, stack=stack, profile=profiles))
+            updates=updates, stack=stack, profile=profiles))
 
     def one_update(agent, mode, amp=True):
         if out_of_time():
@@ -432,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
                                                 status=f"error: {type(e).__name__}: {e}"[:300])
                         stack.append(asdict(r))
                         print(f"  stack {kind:11s} T={T:5d} {r.dtype:13s} {_launch(asdict(r))}: "
-                              f"{common.fmt(r.ms_median if r.status == 'ok' else r.status)} ms", flush=True)
+                              f"{cell(r.ms_median if r.status == 'ok' else r.status)} ms", flush=True)
                         save()
     for mode in rest:
         for agent in args.compile_agents or []:

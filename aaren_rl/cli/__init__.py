@@ -25,7 +25,24 @@ def add_subcommands(sub, package: str, commands: dict[str, str], run_key: str) -
         module = importlib.import_module(f"{package}.{name}")
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
+        show_defaults(p)
         p.set_defaults(**{run_key: module.run})
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Add "(default: ...)" to each option's help that does not say its default itself."""
+    for action in parser._actions:
+        if (not action.option_strings or action.required or action.help in (None, argparse.SUPPRESS)
+                or "default" in action.help.lower()):
+            continue
+        if isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction)):
+            value = "off" if isinstance(action, argparse._StoreTrueAction) else None
+        elif isinstance(action.default, (list, tuple)):
+            value = " ".join(map(str, action.default)) or "none"
+        else:
+            value = "none" if action.default is None else action.default
+        if value is not None:
+            action.help = f"{action.help} (default: {value})".replace("%", "%%")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,31 +21,33 @@ from pathlib import Path
 from .presets import available, load_preset
 
 SUITES = {"locomotion": ["hopper", "halfcheetah", "walker2d", "ant"]}
+PRESET_DEFAULT = "(default: the env preset's [collect] value, else CollectConfig's)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--env", nargs="+", metavar="PRESET_OR_ID",
-                       help=f"env preset(s) ({', '.join(available('envs')) or 'none'}) or gymnasium id(s)")
-    which.add_argument("--suite", choices=sorted(SUITES), help="a named group of presets")
+                       help=f"env preset(s) ({', '.join(available('envs')) or 'none'}) or gymnasium id(s) "
+                            f"(no default: give --env or --suite)")
+    which.add_argument("--suite", choices=sorted(SUITES), help="a named group of presets (no default: give --env or --suite)")
     p.add_argument("--tiers", nargs="+", metavar="TIER",
                    help="random medium medium-replay expert medium-expert (default: all)")
     p.add_argument("--library", choices=["sb3", "sbx"],
                    help="learner library: sb3 (Stable-Baselines3, with sb3-contrib's tqc/crossq) "
                         "or sbx (sbx-rl, JAX: pip install 'aaren-rl[sbx]') (default: the preset's, else sb3)")
     p.add_argument("--algorithm", help="learner: ppo, sac, td3, tqc, crossq, ... (default: the preset's, else ppo)")
-    p.add_argument("--steps", type=int, help="learner training steps")
-    p.add_argument("--episodes", type=int, help="episodes per rolled-out tier (at least)")
-    p.add_argument("--tier-steps", type=int, help="steps per rolled-out tier (at least)")
-    p.add_argument("--ref-episodes", type=int, help="episodes for ref_min/ref_max (default 100)")
-    p.add_argument("--seed", type=int, help="seed (default 0)")
+    p.add_argument("--steps", type=int, help=f"learner training steps {PRESET_DEFAULT}")
+    p.add_argument("--episodes", type=int, help=f"episodes per rolled-out tier (at least) {PRESET_DEFAULT}")
+    p.add_argument("--tier-steps", type=int, help=f"steps per rolled-out tier (at least) {PRESET_DEFAULT}")
+    p.add_argument("--ref-episodes", type=int, help="episodes for ref_min/ref_max (default: the preset's, else 100)")
+    p.add_argument("--seed", type=int, help="seed of the learner, the rollouts and the references (default: 0)")
     p.add_argument("--out", default="data", help="folder for policies, HDF5 files and reports (default: data)")
     p.add_argument("--hdf5", action="store_true", help="also write D4RL-format HDF5 files")
     p.add_argument("--results", metavar="DIR", default="",
                    help="also write a summary report DIR/data_NAME.json, e.g. benchmarks/results "
                         "(default: none)")
     p.add_argument("--force", action="store_true", help="replace existing datasets with the same ids")
-    p.add_argument("--threads", type=int, default=1, help="torch (and JAX) CPU threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch (and JAX) CPU threads (default: 1)")
 
 
 def _slug(env_id: str) -> str:

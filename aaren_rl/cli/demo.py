@@ -29,11 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="folder for data, runs, results (default: runs/demo)")
     p.add_argument("--env", default="pendulum", help="env preset (default: pendulum)")
     p.add_argument("--tier", default="medium-expert", help="dataset tier to train on (default: medium-expert)")
-    p.add_argument("--agents", nargs="+", default=DEFAULT_AGENTS, help="agent presets to train and compare")
+    p.add_argument("--agents", nargs="+", default=DEFAULT_AGENTS, help=f"agent presets to train and compare (default: {' '.join(DEFAULT_AGENTS)})")
     p.add_argument("--updates", type=int, default=2000, help="updates per agent (default: 2000)")
-    p.add_argument("--eval-episodes", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--eval-episodes", type=int, default=20, help="evaluation episodes per agent (default: 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the training and (+10000) the "
+                                                        "evaluation episodes (default: 0)")
+    p.add_argument("--device", default="auto", help="training device: auto (CUDA if available), cpu, cuda, ... "
+                                                     "(default: auto)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default: 1; small models gain little from more, and "
                         "OpenMP threads competing with another busy process can slow them 100x)")
@@ -46,20 +48,39 @@ DEMO_MODEL = {"embed_dim": 64}
 DEMO_TRAIN = {"warmup_steps": 200, "learning_rate": 1e-3, "log_every": 50}
 DEMO_BATCH = {"window": 40, "episode": 4}
 
+# The evaluation protocol, shared with scripts/compare.py so that their numbers can be pooled:
+# episodes seeded from EVAL_SEED + the training seed, the env preset's first target return, and
+# scores normalized with the dataset's own references (measured when it was collected).
+EVAL_SEED = 10_000
+
+
+def demo_settings(context: str) -> tuple[dict, dict]:
+    """The demo's model and train overrides (the same for every agent) for an agent's context."""
+    return dict(DEMO_MODEL), {**DEMO_TRAIN, "batch_size": DEMO_BATCH[context]}
+
+
+def evaluate_run(logdir, env_id: str, target: float, episodes: int, seed: int,
+                 ref_min_score: float | None, ref_max_score: float | None) -> dict:
+    """Evaluate a run's latest checkpoint by the protocol above (on the CPU)."""
+    from aaren_rl.checkpoint import load_checkpoint
+    from aaren_rl.evaluate import evaluate_policy
+    from aaren_rl.policy import StreamingPolicy
+
+    model, _ = load_checkpoint(logdir, device="cpu")
+    return evaluate_policy(StreamingPolicy(model, target), env_id, episodes, seed=EVAL_SEED + seed,
+                           ref_min_score=ref_min_score, ref_max_score=ref_max_score)
+
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from aaren_rl.checkpoint import load_checkpoint
     from aaren_rl.data import load_dataset
     from aaren_rl.data.collect import CollectConfig, collect
     from aaren_rl.data.writers import minari_dataset_exists
-    from aaren_rl.evaluate import evaluate_policy
     from aaren_rl.plots import plot_runs
-    from aaren_rl.policy import StreamingPolicy
-    from aaren_rl.train import TrainConfig, model_config_for, train
+    from aaren_rl.train import TrainConfig, default_target_return, model_config_for, train
 
-    from .evaluate import write_json_atomic
+    from ..output import write_json
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -83,11 +104,12 @@ def run(args: argparse.Namespace) -> int:
 
     # 2. train
     runs, results = {}, {}
-    target = float(env["target_returns"][0]) if env["target_returns"] else dataset.return_max
+    target = float(env["target_returns"][0]) if env["target_returns"] else default_target_return(dataset)
     for i, agent in enumerate(args.agents):
         p = load_preset("agents", agent)
-        model_config = model_config_for(dataset, **{**p.get("model", {}), **DEMO_MODEL})
-        train_config = TrainConfig(**{**p.get("train", {}), **DEMO_TRAIN, "batch_size": DEMO_BATCH[model_config.context],
+        demo_model, demo_train = demo_settings(p.get("model", {}).get("context", "window"))
+        model_config = model_config_for(dataset, **{**p.get("model", {}), **demo_model})
+        train_config = TrainConfig(**{**p.get("train", {}), **demo_train,
                                       "updates": args.updates, "seed": args.seed,
                                       "device": args.device, "eval_every": max(args.updates // 5, 1),
                                       "eval_episodes": 10, "checkpoint_every": args.updates,
@@ -106,9 +128,8 @@ def run(args: argparse.Namespace) -> int:
     # 3. evaluate
     print(f"[3/4] evaluating {args.eval_episodes} episodes each in {env['env_id']} (target return {target:g})")
     for label, logdir in runs.items():
-        model, _ = load_checkpoint(logdir, device="cpu")
-        res = evaluate_policy(StreamingPolicy(model, target), env["env_id"], args.eval_episodes, seed=10_000 + args.seed,
-                              ref_min_score=dataset.ref_min_score, ref_max_score=dataset.ref_max_score)
+        res = evaluate_run(logdir, env["env_id"], target, args.eval_episodes, args.seed,
+                           dataset.ref_min_score, dataset.ref_max_score)
         results[label].update({k: v for k, v in res.items() if k not in ("returns", "lengths")})
 
     # 4. report
@@ -125,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     png = plot_runs(runs, out / "curves.png", title=f"{env['env_id']}, {args.tier} data")
     summary = {"env_id": env["env_id"], "tier": args.tier, "target_return": target, "updates": args.updates,
                "results": results, "data_seconds": t_data, "total_seconds": time.perf_counter() - t_start}
-    write_json_atomic(out / "results.json", summary)
+    write_json(out / "results.json", summary)
     (out / "results.md").write_text(table + "\n")
     print(f"[4/4] results ({env['env_id']}, trained on {args.tier}; normalized: 0 = random, 100 = expert)\n")
     print(table)

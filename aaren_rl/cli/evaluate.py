@@ -7,43 +7,37 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 
+from ..output import write_json
 from .presets import available, resolve_env
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a run folder, its checkpoints folder, or one checkpoint folder")
-    p.add_argument("--env", help=f"gymnasium id or env preset ({', '.join(available('envs'))}); default: the checkpoint's")
-    p.add_argument("--episodes", type=int, default=10)
-    p.add_argument("--target-return", type=float, help="default: the env preset's first target, else the checkpoint's")
+    p.add_argument("--env", help=f"gymnasium id or env preset ({', '.join(available('envs'))}) "
+                                 f"(default: the checkpoint's)")
+    p.add_argument("--episodes", type=int, default=10, help="episodes, run up to 16 at a time (default: 10)")
+    p.add_argument("--target-return", type=float,
+                   help="return to condition on (default: the env preset's first target, else the one training used)")
     p.add_argument("--mode", choices=["recurrent", "window"],
                    help="recurrent: constant-size state (Aaren) or key/value cache (Transformer); "
-                        "window: recompute the last K steps (DT). Default: by the model's context")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", metavar="OUT", help="write the results here")
-    p.add_argument("--video", metavar="PATH", help="also render one episode to PATH (.gif or .mp4)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-
-
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+                        "window: recompute the last K steps (DT) (default: recurrent for Aaren and for models "
+                        "trained on whole episodes, else window)")
+    p.add_argument("--seed", type=int, default=0, help="environment i is seeded with SEED + i (default: 0)")
+    p.add_argument("--device", default="cpu", help="device the policy runs on (default: cpu, where the compiled "
+                                                   "step runs)")
+    p.add_argument("--json", metavar="OUT", help="write the results here (default: print only)")
+    p.add_argument("--video", metavar="PATH", help="also render one episode to PATH, .gif or .mp4; needs "
+                                                   "aaren-rl[video] (default: no video)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from aaren_rl.checkpoint import load_checkpoint
-    from aaren_rl.evaluate import evaluate_policy, record_video
+    from aaren_rl.evaluate import check_video_dependencies, evaluate_policy, record_video
     from aaren_rl.policy import StreamingPolicy
 
     if args.threads:
@@ -57,12 +51,22 @@ def run(args: argparse.Namespace) -> int:
     env = resolve_env(args.env) if args.env else resolve_env(info.get("env_id") or "")
     if not env["env_id"]:
         raise SystemExit("error: the checkpoint names no environment; pass --env")
-    target = args.target_return
-    if target is None:
-        target = env["target_returns"][0] if env["target_returns"] else info.get("target_return")
+    target, how = args.target_return, "--target-return"
+    if target is None and env["target_returns"]:
+        target, how = float(env["target_returns"][0]), f"env preset {env['name']!r}"
+    elif target is None:
+        target, how = info.get("target_return"), "the one training used"
+        if target is None:
+            raise SystemExit("error: the checkpoint records no target return; pass --target-return")
+    if args.video:  # before the evaluation, not after it
+        try:
+            check_video_dependencies(env["env_id"], args.video)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     ds = info.get("dataset", {})
     ref_min = env["ref_min"] if env["ref_min"] is not None else ds.get("ref_min_score")
     ref_max = env["ref_max"] if env["ref_max"] is not None else ds.get("ref_max_score")
+    print(f"evaluating {args.checkpoint} in {env['env_id']}, {args.episodes} episodes, target return {target:g} ({how})")
     try:
         policy = StreamingPolicy(model, target, mode=args.mode)
         res = evaluate_policy(policy, env["env_id"], args.episodes, seed=args.seed, progress=True,
@@ -75,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         line += f", normalized score {res['normalized_score_mean']:.1f} ± {res['normalized_score_std']:.1f}"
     print(line + f" (target {target:g}, {policy.mode} policy, {res['policy_ms_per_step']:.2f} ms/step)")
     if args.json:
-        write_json_atomic(args.json, res)
+        write_json(args.json, res)
         print(f"wrote {args.json}")
     if args.video:
         print(f"video: {record_video(policy, env['env_id'], args.video, seed=args.seed)}")

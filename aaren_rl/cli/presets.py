@@ -2,20 +2,32 @@
 
 A preset is named by its file stem (``--agent decision_aaren``) or given as a path to a ``.toml``
 file. Only the command line reads presets; the library takes plain dataclasses and values.
+
+Where they are looked for: ``agents/`` or ``envs/`` in the working directory if it has one, else
+the source checkout's (the folders at the top of the repository), else the copies that the wheel
+installs inside the package (``aaren_rl/presets/``, package data: see setup.py).
 """
 
 from __future__ import annotations
 
-import tomllib
+import sys
+from importlib import resources
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI (a dependency there)
+    import tomli as tomllib
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def preset_dir(kind: str) -> Path:
-    """``agents`` or ``envs``: the folder in the working directory if it has one, else the repo's."""
-    local = Path.cwd() / kind
-    return local if local.is_dir() else REPO_ROOT / kind
+    """``agents`` or ``envs``: the working directory's, else the source checkout's, else the package's."""
+    for folder in (Path.cwd() / kind, REPO_ROOT / kind):
+        if folder.is_dir() and any(folder.glob("*.toml")):
+            return folder
+    return Path(str(resources.files("aaren_rl") / "presets" / kind))
 
 
 def available(kind: str) -> list[str]:

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..output import write_json
 from .recording import RawEpisode, RecordingVecEnv, rollout
 from .writers import (clean_stale_staging, minari_dataset_exists, minari_root, publish_minari,
-                      stage_minari, write_hdf5, write_json)
+                      stage_minari, write_hdf5)
 
 TIERS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 ACTIVATIONS = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU, "elu": torch.nn.ELU}

@@ -224,6 +224,8 @@ def load_dataset(
     path = Path(source)
     looks_like_file = path.suffix.lower() in (".hdf5", ".h5") or path.is_file()
     if looks_like_file:
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory, not an HDF5 dataset file")
         if not path.is_file():
             raise FileNotFoundError(f"no such HDF5 dataset file: {path}")
         ds = _load_hdf5(path, env_id)
@@ -272,6 +274,17 @@ def _check_finite(name: str, array: np.ndarray, where: str):
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         bad = np.argwhere(~np.isfinite(array))[0]
         raise ValueError(f"{where}: {name!r} has NaN/inf values (first at index {tuple(bad)})")
+
+
+def _check_continuous_actions(actions: np.ndarray, low, where: str, env_id) -> None:
+    """Actions for a continuous (Box) action space: floats, one row of ``len(low)`` entries per step."""
+    space = f"{env_id}'s continuous actions" if env_id else "continuous actions"
+    if np.issubdtype(actions.dtype, np.integer) or actions.dtype == bool:
+        raise ValueError(f"{where}: 'actions' are {actions.dtype} of shape {actions.shape}, but {space} "
+                         f"are floats of shape (steps, {np.size(low)})")
+    width = 1 if actions.ndim == 1 else int(np.prod(actions.shape[1:]))
+    if low is not None and width != np.size(low):
+        raise ValueError(f"{where}: 'actions' have {width} entries per step, but {space} have {np.size(low)}")
 
 
 def _load_minari(dataset_id: str, env_id: str | None, download: bool) -> TrajectoryDataset:
@@ -355,8 +368,13 @@ def _load_hdf5(path: Path, env_id: str | None) -> TrajectoryDataset:
     else:
         discrete, low, high = None, None, None
 
+    if discrete is False:
+        _check_continuous_actions(data["actions"], low, str(path), env_id)
     terminals = data["terminals"].astype(bool).reshape(-1)
     timeouts = data["timeouts"].astype(bool).reshape(-1)
+    if n > 1 and not (terminals | timeouts).any():
+        raise ValueError(f"{path}: no step of {n} has a terminal or timeout flag, so the episodes cannot be told "
+                         "apart; a D4RL-format file marks each episode's last step in 'terminals' or 'timeouts'")
     ends = np.flatnonzero(terminals | timeouts) + 1
     if len(ends) == 0 or ends[-1] != n:
         ends = np.append(ends, n)  # a recording that stops mid-episode: the last one is cut short

@@ -8,7 +8,6 @@ written as ``NAME.partial`` and renamed.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -184,11 +183,3 @@ def write_hdf5(path: str | os.PathLike, episodes: list[RawEpisode], env_id: str,
         raise
     return path
 
-
-def write_json(path: str | os.PathLike, data: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
-    return path

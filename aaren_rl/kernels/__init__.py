@@ -1,11 +1,14 @@
-"""Optional fast paths for the Aaren layer, with the same contract as the plain code.
+"""Compute kernels: fast paths with the same contract as the plain code. They take tensors or
+arrays and import nothing of the package above them.
 
-``aaren_scan(s, v)`` -> ``o``: scores s (B, H, T) (padding already -inf) and values v
-(B, H, T, Dh) give the prefix softmax-weighted averages o (B, H, T, Dh) (zero where the prefix
-holds only padding), exactly what ``layer.prefix_scan`` followed by the readout gives. It is a
-fused Triton kernel (``triton_scan``) that runs on CUDA when Triton imports; ``Aaren.forward``
-uses it there and keeps the plain scan everywhere else. ``use_triton(False)`` turns it off
-(benchmarks compare both).
+- ``aaren_scan_packed(sv, num_heads, head_dim, padding_mask)`` -> ``o``: from the layer's packed
+  projection sv (B, T, F) (values, one score per head, zero columns) the prefix
+  softmax-weighted averages o (B, H, T, Dh) (zero where the prefix holds only padding), exactly
+  what ``layer.prefix_scan`` followed by the readout gives. A fused Triton kernel
+  (``triton_scan``) that runs on CUDA when Triton imports; ``Aaren.forward`` uses it there and
+  keeps the plain scan everywhere else. ``use_triton(False)`` turns it off (benchmarks compare both).
+- ``cpu_step``: one acting step of a Decision Aaren model as one compiled C call, over weights
+  given as named NumPy arrays.
 """
 
 from __future__ import annotations
@@ -42,12 +45,6 @@ def use_triton(flag: bool = True):
         _enabled = old
 
 
-def aaren_scan(s, v):
-    from .triton_scan import aaren_scan as _scan
-
-    return _scan(s, v)
-
-
 def aaren_scan_packed(sv, num_heads, head_dim, padding_mask=None):
     """The same scan over a packed projection sv (B, T, F): values, one score per head, padding."""
     from .triton_scan import aaren_scan_packed as _scan
@@ -55,4 +52,4 @@ def aaren_scan_packed(sv, num_heads, head_dim, padding_mask=None):
     return _scan(sv, num_heads, head_dim, padding_mask)
 
 
-__all__ = ["aaren_scan", "aaren_scan_packed", "triton_available", "use_fused_scan", "use_triton"]
+__all__ = ["aaren_scan_packed", "triton_available", "use_fused_scan", "use_triton"]

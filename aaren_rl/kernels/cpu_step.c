@@ -1,7 +1,7 @@
 /* One environment step of a Decision Aaren policy on the CPU, as one C call.
  *
- * The same function as StreamingPolicy._step_recurrent on an Aaren backbone (aaren_rl/policy.py,
- * model.py, blocks.py, layer.py), for a batch of n environments:
+ * The same function as DecisionModel.step on an Aaren backbone for the three tokens of one
+ * environment step (aaren_rl/model.py, blocks.py, layer.py), for a batch of n environments:
  *
  *   tokens (a_{t-1}, R_t, s_t) per environment, each plus its timestep's embedding
  *   -> embed_ln
@@ -11,6 +11,9 @@
  *      projection -> residual -> ln_2 -> MLP (fc, exact-erf GELU, proj) -> residual
  *   -> ln_f at the s_t token -> action head (tanh, or logits when discrete).
  *
+ * The episode bookkeeping (returns to go, timesteps, episode starts) is the caller's
+ * (aaren_rl/policy.py); this file computes only the model.
+ *
  * Why one call: at batch 1 the model is ~1.3 M multiply-adds per environment step, about 30 us
  * of arithmetic on one core, while calling ~100 small operators from Python costs ~1-2 ms.
  *
@@ -18,14 +21,15 @@
  * (each weight is read once per step and used 3n times), and the last layer's out projection and
  * MLP run only on the s_t rows: the other tokens' last-layer outputs feed nothing.
  *
- * Weights come packed by cpu_step.py: every Linear transposed to (in, out) so that a row of
- * outputs is a sum of weight rows scaled by inputs (vector FMAs, no horizontal sums), cut into
- * panels of aaren_panel_width() output columns; output widths padded to a multiple of 16
- * floats. The offsets of each tensor are in `meta`.
+ * Weights come packed by cpu_step.py: every Linear as (in, out), so that a row of outputs is a
+ * sum of weight rows scaled by inputs (vector FMAs, no horizontal sums), cut into panels of
+ * aaren_panel_width() output columns; output widths padded to a multiple of 16 floats. `meta`
+ * holds the dimensions and each tensor's offset, in the order of META_FIELDS, whose names
+ * aaren_meta_names() exports so that the Python side fills it by name.
  *
  * The state (m, u, w) per layer and head is updated in place. The empty state is m = -inf,
- * u = 0 (as AarenState.empty); the fold tests u == 0 instead of computing with infinities, so the
- * code stays correct under -ffast-math (built with -fno-finite-math-only all the same).
+ * u = 0 (as AarenState.empty); the fold tests u == 0 instead of computing with infinities.
+ * Built without -ffast-math (see cpu_step.py): only the flags that let gcc vectorize the sums.
  */
 
 #include <math.h>
@@ -60,39 +64,43 @@ static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
 /* ---- meta: dims, then offsets (in floats) into the packed parameter buffer ---------------- */
-enum {
-    D_E, D_H, D_L, D_OBS, D_ACT, D_DISCRETE, D_TMAX, D_APAD, D_BF16,
-    /* global tensors */
-    O_TEMB, O_RET_W, O_RET_B, O_STATE_W, O_STATE_B, O_ACT_W, O_ACT_B, O_ELN_W, O_ELN_B,
-    O_LNF_W, O_LNF_B, O_HEAD_W, O_HEAD_B, O_OBS_MEAN, O_OBS_STD, O_ACT_LOW, O_ACT_HIGH, O_RET_SCALE,
-    O_LAYER0, O_LAYER_STRIDE,
-    /* per layer, relative to the layer's start */
-    L_LN1_W, L_LN1_B, L_SV_W, L_SV_B, L_OUT_W, L_OUT_B, L_LN2_W, L_LN2_B,
-    L_FC_W, L_FC_B, L_PROJ_W, L_PROJ_B,
-    META_LEN
-};
+#define META_FIELDS(X)                                                                            \
+    /* dimensions */                                                                              \
+    X(E) X(H) X(L) X(OBS) X(ACT) X(DISCRETE) X(TMAX) X(APAD) X(BF16)                              \
+    /* global tensors */                                                                          \
+    X(temb) X(ret_w) X(ret_b) X(state_w) X(state_b) X(act_w) X(act_b) X(eln_w) X(eln_b)           \
+    X(lnf_w) X(lnf_b) X(head_w) X(head_b) X(obs_mean) X(obs_std) X(ret_scale)                     \
+    /* where the layers start, and the floats from one layer to the next */                       \
+    X(layer0) X(layer_stride)                                                                     \
+    /* per layer, relative to the layer's start */                                                \
+    X(ln1_w) X(ln1_b) X(sv_w) X(sv_b) X(out_w) X(out_b) X(ln2_w) X(ln2_b)                         \
+    X(fc_w) X(fc_b) X(proj_w) X(proj_b)
 
-int64_t aaren_meta_len(void) { return META_LEN; }
+#define META_ENUM(name) MT_##name,
+enum { META_FIELDS(META_ENUM) META_LEN };
+#define META_NAME(name) #name ","
+const char *aaren_meta_names(void) { return META_FIELDS(META_NAME); }
 
-/* Everything one call reads and writes; filled once (lean policy) or per call (torch path). */
-typedef struct {
-    const float *params;
-    const int64_t *meta;
-    int64_t n;              /* environments */
-    float *obs;             /* (n, obs_dim): env units if normalize_obs, else model units */
-    float *reward;          /* (n,) policy step only: reward for the previous action */
-    uint8_t *start;         /* (n,) 1 = this row begins an episode */
-    float *rtg;             /* (n,) R_t (policy step: updated in place) */
-    int64_t *timestep;      /* (n,) t of this observation (policy step: advanced in place) */
-    float *prev_action;     /* (n, act) continuous a_{t-1} in model units */
-    int64_t *prev_index;    /* (n,) discrete a_{t-1} */
-    float *m, *u, *w;       /* (L, n, H), (L, n, H), (L, n, H, Dh), in place */
-    float *out;             /* (n, act): tanh actions in [-1, 1], or logits */
-    float *action;          /* (n, act) policy step only: env-unit actions (discrete: argmax) */
-    float *scratch;         /* aaren_scratch_floats(meta, n) floats */
-    float target_return;    /* policy step only */
-    int32_t normalize_obs;
-} io_t;
+/* Everything one call reads and writes, in the order of IO_FIELDS (names exported too). */
+#define IO_FIELDS(X)                                                                              \
+    X(const float *, params)                                                                      \
+    X(const int64_t *, meta)                                                                      \
+    X(int64_t, n)              /* environments */                                                 \
+    X(const float *, obs)      /* (n, obs_dim) in env units (normalized here) */                  \
+    X(const uint8_t *, start)  /* (n,) 1 = this row begins an episode */                          \
+    X(const float *, rtg)      /* (n,) R_t */                                                     \
+    X(const int64_t *, timestep) /* (n,) t of this observation */                                 \
+    X(const float *, prev_action) /* (n, act) continuous a_{t-1} in model units */                \
+    X(const int64_t *, prev_index) /* (n,) discrete a_{t-1} */                                    \
+    X(float *, m) X(float *, u) X(float *, w) /* (L, n, H), (L, n, H), (L, n, H, Dh), in place */ \
+    X(float *, out)            /* (n, act): tanh actions in [-1, 1], or logits */                 \
+    X(float *, scratch)        /* aaren_scratch_floats(meta, n) floats */
+
+#define IO_MEMBER(type, name) type name;
+typedef struct { IO_FIELDS(IO_MEMBER) } io_t;
+#define IO_NAME(type, name) #name ","
+const char *aaren_io_names(void) { return IO_FIELDS(IO_NAME); }
+int64_t aaren_io_size(void) { return (int64_t)sizeof(io_t); }
 
 /* ---- matrix products --------------------------------------------------------------------- */
 
@@ -230,7 +238,7 @@ static void linear_bf16(const float *X, int64_t ldx, int64_t M, int64_t K, const
 }
 #endif
 
-/* The layers' matrix products: float32, or bf16 where the model was packed so (meta[D_BF16]). */
+/* The layers' matrix products: float32, or bf16 where the model was packed so (meta[MT_BF16]). */
 static void layer_linear(int bf16, uint16_t *xb, const float *X, int64_t ldx, int64_t M, int64_t K, const float *W,
                          const float *b, int64_t N, float *Y, int64_t ldy, int accumulate)
 {
@@ -308,10 +316,10 @@ static inline int64_t up16(int64_t x) { return (x + 15) & ~(int64_t)15; }
 
 int64_t aaren_scratch_floats(const int64_t *meta, int64_t n)
 {
-    const int64_t E = meta[D_E], M = 3 * n;
+    const int64_t E = meta[MT_E], M = 3 * n;
     /* x, h, o: M x E each; sv: M x 2E (>= its SV columns); f: M x 4E; xs: n x E; head: n x APAD; obs: n x OBS */
-    return up16(M * E) * 3 + up16(M * 2 * E) + up16(M * 4 * E) + up16(n * E) + up16(n * meta[D_APAD]) +
-           up16(n * meta[D_OBS]) + up16(M * 4 * E) + 64; /* last: bf16 copies of a product's input */
+    return up16(M * E) * 3 + up16(M * 2 * E) + up16(M * 4 * E) + up16(n * E) + up16(n * meta[MT_APAD]) +
+           up16(n * meta[MT_OBS]) + up16(M * 4 * E) + 64; /* last: bf16 copies of a product's input */
 }
 
 /* ---- the step ---------------------------------------------------------------------------- */
@@ -320,9 +328,9 @@ int aaren_step(const io_t *io)
 {
     const int64_t *mt = io->meta;
     const float *P = io->params;
-    const int64_t n = io->n, E = mt[D_E], H = mt[D_H], L = mt[D_L], OBS = mt[D_OBS], ACT = mt[D_ACT];
-    const int64_t TMAX = mt[D_TMAX], APAD = mt[D_APAD], Dh = E / H, M = 3 * n;
-    const int discrete = (int)mt[D_DISCRETE];
+    const int64_t n = io->n, E = mt[MT_E], H = mt[MT_H], L = mt[MT_L], OBS = mt[MT_OBS], ACT = mt[MT_ACT];
+    const int64_t TMAX = mt[MT_TMAX], APAD = mt[MT_APAD], Dh = E / H, M = 3 * n;
+    const int discrete = (int)mt[MT_DISCRETE];
 
     float *sc = io->scratch;
     float *x = sc;                      sc += up16(M * E);     /* residual stream, rows 3b + {a, R, s} */
@@ -335,21 +343,19 @@ int aaren_step(const io_t *io)
     float *head = sc;                   sc += up16(n * APAD);
     float *obs = sc;                    sc += up16(n * OBS);
     uint16_t *xb = (uint16_t *)sc;
-    const int bf16 = (int)mt[D_BF16];
+    const int bf16 = (int)mt[MT_BF16];
 
     /* -- tokens: (a_{t-1}, R_t, s_t), each + its timestep's embedding (a: t - 1) -- */
-    if (io->normalize_obs) {
-        const float *mean = P + mt[O_OBS_MEAN], *std = P + mt[O_OBS_STD];
+    {
+        const float *mean = P + mt[MT_obs_mean], *std = P + mt[MT_obs_std];
         for (int64_t b = 0; b < n; b++)
             for (int64_t i = 0; i < OBS; i++) obs[b * OBS + i] = (io->obs[b * OBS + i] - mean[i]) / std[i];
-    } else {
-        memcpy(obs, io->obs, sizeof(float) * n * OBS);
     }
-    linear(obs, OBS, n, OBS, P + mt[O_STATE_W], P + mt[O_STATE_B], E, x + 2 * E, 3 * E, 0);
+    linear(obs, OBS, n, OBS, P + mt[MT_state_w], P + mt[MT_state_b], E, x + 2 * E, 3 * E, 0);
     if (!discrete)
-        linear(io->prev_action, ACT, n, ACT, P + mt[O_ACT_W], P + mt[O_ACT_B], E, x, 3 * E, 0);
-    const float *ret_w = P + mt[O_RET_W], *ret_b = P + mt[O_RET_B], *temb = P + mt[O_TEMB];
-    const float scale = P[mt[O_RET_SCALE]];
+        linear(io->prev_action, ACT, n, ACT, P + mt[MT_act_w], P + mt[MT_act_b], E, x, 3 * E, 0);
+    const float *ret_w = P + mt[MT_ret_w], *ret_b = P + mt[MT_ret_b], *temb = P + mt[MT_temb];
+    const float scale = P[mt[MT_ret_scale]];
     for (int64_t b = 0; b < n; b++) {
         int64_t t = io->timestep[b];
         const int64_t ts = t < 0 ? 0 : (t >= TMAX ? TMAX - 1 : t);
@@ -359,7 +365,7 @@ int aaren_step(const io_t *io)
         if (discrete) {
             int64_t a = io->prev_index[b];
             a = a < 0 ? 0 : (a >= ACT ? ACT - 1 : a);
-            const float *row = P + mt[O_ACT_W] + a * E;
+            const float *row = P + mt[MT_act_w] + a * E;
             for (int64_t e = 0; e < E; e++) xa[e] = row[e] + temb[ta * E + e];
         } else {
             for (int64_t e = 0; e < E; e++) xa[e] += temb[ta * E + e];
@@ -367,7 +373,7 @@ int aaren_step(const io_t *io)
         for (int64_t e = 0; e < E; e++) xr[e] = (r * ret_w[e] + ret_b[e]) + temb[ts * E + e];
         for (int64_t e = 0; e < E; e++) xst[e] += temb[ts * E + e];
     }
-    layer_norm(x, E, M, E, P + mt[O_ELN_W], P + mt[O_ELN_B], x, E);
+    layer_norm(x, E, M, E, P + mt[MT_eln_w], P + mt[MT_eln_b], x, E);
 
     /* rows that begin an episode start from the empty state */
     for (int64_t l = 0; l < L; l++)
@@ -382,10 +388,10 @@ int aaren_step(const io_t *io)
         }
 
     for (int64_t l = 0; l < L; l++) {
-        const float *lp = P + mt[O_LAYER0] + l * mt[O_LAYER_STRIDE];
+        const float *lp = P + mt[MT_layer0] + l * mt[MT_layer_stride];
         const int last = l == L - 1;
-        layer_norm(x, E, M, E, lp + mt[L_LN1_W], lp + mt[L_LN1_B], h, E);
-        layer_linear(bf16, xb, h, E, M, E, lp + mt[L_SV_W], lp + mt[L_SV_B], SV, sv, SV, 0);
+        layer_norm(x, E, M, E, lp + mt[MT_ln1_w], lp + mt[MT_ln1_b], h, E);
+        layer_linear(bf16, xb, h, E, M, E, lp + mt[MT_sv_w], lp + mt[MT_sv_b], SV, sv, SV, 0);
         for (int64_t b = 0; b < n; b++)
             for (int64_t hd = 0; hd < H; hd++) {
                 const int64_t s_ix = (l * n + b) * H + hd;
@@ -401,59 +407,26 @@ int aaren_step(const io_t *io)
                 }
             }
         if (!last) {
-            layer_linear(bf16, xb, o, E, M, E, lp + mt[L_OUT_W], lp + mt[L_OUT_B], E, x, E, 1);
-            layer_norm(x, E, M, E, lp + mt[L_LN2_W], lp + mt[L_LN2_B], h, E);
-            layer_linear(bf16, xb, h, E, M, E, lp + mt[L_FC_W], lp + mt[L_FC_B], 4 * E, f, 4 * E, 0);
+            layer_linear(bf16, xb, o, E, M, E, lp + mt[MT_out_w], lp + mt[MT_out_b], E, x, E, 1);
+            layer_norm(x, E, M, E, lp + mt[MT_ln2_w], lp + mt[MT_ln2_b], h, E);
+            layer_linear(bf16, xb, h, E, M, E, lp + mt[MT_fc_w], lp + mt[MT_fc_b], 4 * E, f, 4 * E, 0);
             gelu(f, M * 4 * E);
-            layer_linear(bf16, xb, f, 4 * E, M, 4 * E, lp + mt[L_PROJ_W], lp + mt[L_PROJ_B], E, x, E, 1);
+            layer_linear(bf16, xb, f, 4 * E, M, 4 * E, lp + mt[MT_proj_w], lp + mt[MT_proj_b], E, x, E, 1);
         } else {
             for (int64_t b = 0; b < n; b++) memcpy(xs + b * E, x + (3 * b + 2) * E, sizeof(float) * E);
-            layer_linear(bf16, xb, o, E, n, E, lp + mt[L_OUT_W], lp + mt[L_OUT_B], E, xs, E, 1);
-            layer_norm(xs, E, n, E, lp + mt[L_LN2_W], lp + mt[L_LN2_B], h, E);
-            layer_linear(bf16, xb, h, E, n, E, lp + mt[L_FC_W], lp + mt[L_FC_B], 4 * E, f, 4 * E, 0);
+            layer_linear(bf16, xb, o, E, n, E, lp + mt[MT_out_w], lp + mt[MT_out_b], E, xs, E, 1);
+            layer_norm(xs, E, n, E, lp + mt[MT_ln2_w], lp + mt[MT_ln2_b], h, E);
+            layer_linear(bf16, xb, h, E, n, E, lp + mt[MT_fc_w], lp + mt[MT_fc_b], 4 * E, f, 4 * E, 0);
             gelu(f, n * 4 * E);
-            layer_linear(bf16, xb, f, 4 * E, n, 4 * E, lp + mt[L_PROJ_W], lp + mt[L_PROJ_B], E, xs, E, 1);
+            layer_linear(bf16, xb, f, 4 * E, n, 4 * E, lp + mt[MT_proj_w], lp + mt[MT_proj_b], E, xs, E, 1);
         }
     }
-    layer_norm(xs, E, n, E, P + mt[O_LNF_W], P + mt[O_LNF_B], h, E);
-    linear(h, E, n, E, P + mt[O_HEAD_W], P + mt[O_HEAD_B], APAD, head, APAD, 0);
+    layer_norm(xs, E, n, E, P + mt[MT_lnf_w], P + mt[MT_lnf_b], h, E);
+    linear(h, E, n, E, P + mt[MT_head_w], P + mt[MT_head_b], APAD, head, APAD, 0);
     for (int64_t b = 0; b < n; b++)
         for (int64_t a = 0; a < ACT; a++) {
             const float z = head[b * APAD + a];
             io->out[b * ACT + a] = discrete ? z : tanhf(z);
         }
-    return 0;
-}
-
-/* StreamingPolicy.predict's bookkeeping around aaren_step, for a policy that keeps its own
- * state: episode starts, returns still to go, timesteps, a_{t-1}, env-unit actions. */
-int aaren_policy_step(io_t *io)
-{
-    const int64_t *mt = io->meta;
-    const float *P = io->params;
-    const int64_t n = io->n, ACT = mt[D_ACT];
-    for (int64_t b = 0; b < n; b++) {
-        const int start = io->start[b] || io->timestep[b] == 0;
-        io->start[b] = (uint8_t)start;
-        if (start) { io->rtg[b] = io->target_return; io->timestep[b] = 0; }
-        else io->rtg[b] -= io->reward[b];
-    }
-    aaren_step(io);
-    const float *low = P + mt[O_ACT_LOW], *high = P + mt[O_ACT_HIGH];
-    for (int64_t b = 0; b < n; b++) {
-        const float *z = io->out + b * ACT;
-        if (mt[D_DISCRETE]) { /* deterministic: the first largest logit, as torch.argmax */
-            int64_t best = 0;
-            for (int64_t a = 1; a < ACT; a++) if (z[a] > z[best]) best = a;
-            io->prev_index[b] = best;
-            io->action[b] = (float)best;
-        } else {
-            for (int64_t a = 0; a < ACT; a++) {
-                io->prev_action[b * ACT + a] = z[a];
-                io->action[b * ACT + a] = low[a] + (z[a] + 1.f) * 0.5f * (high[a] - low[a]);
-            }
-        }
-        io->timestep[b] += 1;
-    }
     return 0;
 }

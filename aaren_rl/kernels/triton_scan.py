@@ -447,22 +447,6 @@ def scan_backward(s, v, o, r, u, g, dv=None, **config):
     return ds.to(s.dtype), dv
 
 
-class AarenScan(torch.autograd.Function):
-    """o = prefix softmax-weighted averages of v under scores s; see the module docstring."""
-
-    @staticmethod
-    def forward(ctx, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        o, r, u = scan_forward(s, v)
-        ctx.save_for_backward(s, v, o, r, u)
-        return o
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        s, v, o, r, u = ctx.saved_tensors
-        ds, dv = scan_backward(s, v, o, r, u, g)
-        return ds, dv
-
-
 def _split_packed(sv: torch.Tensor, num_heads: int, head_dim: int):
     B, T, _ = sv.shape
     E = num_heads * head_dim
@@ -473,7 +457,7 @@ def _split_packed(sv: torch.Tensor, num_heads: int, head_dim: int):
 class AarenScanPacked(torch.autograd.Function):
     """The scan of a packed projection sv = (values | one score per head | padding), (B, T, F).
 
-    The same as ``AarenScan`` on the two views, but its gradient is one (B, T, F) buffer that
+    ``scan_forward``/``scan_backward`` on the two views, with one (B, T, F) gradient buffer that
     the backward kernel writes dv into directly, so no slice of sv needs a gradient of its own
     (which autograd would assemble with extra passes over the values' size).
     """
@@ -517,8 +501,3 @@ def aaren_scan_packed(sv: torch.Tensor, num_heads: int, head_dim: int,
         raise ValueError(f"padding_mask must have shape {tuple(sv.shape[:2])}, got {tuple(padding_mask.shape)}")
     return AarenScanPacked.apply(sv, num_heads, head_dim, padding_mask)
 
-
-def aaren_scan(s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Prefix softmax-weighted averages: s (B, H, T), v (B, H, T, Dh) -> o (B, H, T, Dh)."""
-    _check(s, v)
-    return AarenScan.apply(s, v)
