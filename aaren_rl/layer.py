@@ -171,9 +171,11 @@ def check_tokens(name: str, x: Tensor, width: int, ranks=(3,)) -> None:
 
 def _can_read_back(x: Tensor) -> bool:
     """Whether an input check may read a value back to the host: not while torch.compile traces
-    (it would break the graph) nor while a CUDA graph captures (a sync is illegal there). Those
-    paths run the training step, whose loss the loop checks at every log line instead."""
-    if torch.compiler.is_compiling():
+    (it would break the graph), nor while a CUDA graph captures (a sync is illegal there), nor
+    under ``torch.func.vmap`` (many runs stacked, ``aaren_rl.group``: a batched value has no one
+    truth value). Those paths run the training step, whose loss the loop checks at every log line
+    instead."""
+    if torch.compiler.is_compiling() or torch._C._functorch.is_batchedtensor(x):
         return False
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 

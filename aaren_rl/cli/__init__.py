@@ -1,4 +1,4 @@
-"""The ``aaren-rl`` command line: ``collect``, ``train``, ``evaluate``, ``bench``, ``demo``.
+"""The ``aaren-rl`` command line: ``collect``, ``train``, ``sweep``, ``evaluate``, ``bench``, ``demo``.
 
 Each subcommand lives in its own module with ``add_arguments(parser)`` and ``run(args)``; this
 module only dispatches. ``python -m aaren_rl`` is the same command.
@@ -13,6 +13,7 @@ import sys
 SUBCOMMANDS = {
     "collect": "collect data with a Stable-Baselines3 or sbx learner and write Minari / D4RL-format datasets",
     "train": "train an agent on an offline dataset",
+    "sweep": "train agents x datasets x seeds, compatible runs together as batched groups; resumable",
     "evaluate": "evaluate a checkpoint in a gymnasium environment",
     "bench": "benchmarks: Aaren vs Transformer speed and memory",
     "demo": "the main job: collect, train, evaluate and plot on a quick environment",

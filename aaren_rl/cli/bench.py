@@ -15,6 +15,7 @@ BENCHMARKS = {
     "scan": "the Aaren scan alone (plain vs fused Triton kernel): time and achieved memory bandwidth",
     "step": "acting cost of a whole agent, step by step",
     "train": "training throughput of a whole agent",
+    "sweep": "many runs as one batched group: aggregate updates/s and memory against one run",
 }
 
 
@@ -34,7 +35,7 @@ def run_all(args: argparse.Namespace) -> int:
     import torch
 
     cuda = torch.cuda.is_available()
-    plan = [("layer", [])] + ([("layer", ["--device", "cuda"])] if cuda else []) + [("step", [])]
+    plan = [("layer", [])] + ([("layer", ["--device", "cuda"])] if cuda else []) + [("step", []), ("sweep", [])]
     plan += [(name, []) for name in ("scan", "train") if cuda]
     if not cuda:
         print(f"no CUDA GPU: skipping {', '.join(sorted(GPU_ONLY))} and the GPU layer benchmark")

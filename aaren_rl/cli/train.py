@@ -22,13 +22,16 @@ from .presets import available, load_preset, parse_overrides, resolve_dataset, r
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agent", default="decision_aaren",
                    help=f"agent preset: {', '.join(available('agents'))} or a .toml path (default: decision_aaren)")
-    p.add_argument("--dataset", required=True, metavar="SOURCE",
+    p.add_argument("--dataset", required=True, metavar="SOURCE", nargs="+",
                    help="Minari dataset id, D4RL-format .hdf5 file, or ENV_PRESET/TIER (e.g. pendulum/medium)")
     p.add_argument("--env", help="env preset or gymnasium id for evaluation, targets and references "
                                  "(default: the dataset's environment)")
     p.add_argument("--updates", type=int, help="gradient updates (default: the preset's, else 100000)")
     p.add_argument("--batch-size", type=int, help="sequences per batch (default: the preset's, else 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and evaluations (default: 0)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="train these seeds together as one batched group (also for several --dataset values of "
+                        "one environment): LOGDIR/sSEED, or LOGDIR/DATASET/sSEED (default: one run, --seed)")
     p.add_argument("--logdir", default=None, help="run folder (default: runs/AGENT-DATASET-sSEED)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--eval-every", type=int, help="updates between evaluations, 0: only at the end "
@@ -123,6 +126,11 @@ def run(args: argparse.Namespace) -> int:
     from aaren_rl.data import load_dataset
     from aaren_rl.train import default_target_return, train
 
+    if args.seeds or len(args.dataset) > 1:  # many runs as one batched computation
+        from .sweep import run_train_group
+
+        return run_train_group(args)
+    args.dataset = args.dataset[0]
     if args.threads:
         torch.set_num_threads(args.threads)
     settings(args)  # bad settings fail before the dataset is read

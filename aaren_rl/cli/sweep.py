@@ -1,0 +1,299 @@
+"""``aaren-rl sweep``: agents x datasets x seeds, compatible runs trained together as groups.
+
+    aaren-rl sweep sweep.toml                                  # a spec file (docs/sweep.md)
+    aaren-rl sweep --agents decision_aaren decision_transformer --datasets hopper/medium \\
+        hopper/medium-replay --seeds 0 1 2 --updates 100000 --out runs/suite
+    aaren-rl sweep sweep.toml --dry-run                        # the plan only
+
+Every run gets the folder OUT/AGENT/DATASET/sSEED, an ordinary run folder. Runs that can share
+one batched computation (same architecture, batch shape and schedule; ``aaren_rl.group``) train
+together, up to ``--max-group`` at a time. Running the same command again resumes: finished runs
+are skipped, partial ones continue from their checkpoints. The final evaluations of a group run
+on the CPU cores while the next group trains; OUT/sweep.json lists every run's state and score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import tomllib
+from pathlib import Path
+
+from .presets import available, resolve_dataset, resolve_env
+
+SPEC_KEYS = {"agents", "datasets", "seeds", "env", "updates", "out", "device", "set", "max_group", "eval_episodes",
+             "eval_workers"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", nargs="?", help="a TOML spec file with any of the keys below (options given here win)")
+    p.add_argument("--agents", nargs="+", help=f"agent presets ({', '.join(available('agents'))}) or .toml paths")
+    p.add_argument("--datasets", nargs="+", metavar="SOURCE",
+                   help="dataset sources as `aaren-rl train --dataset` takes them (e.g. hopper/medium)")
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0)")
+    p.add_argument("--env", help="env preset or gymnasium id for every dataset (default: the PRESET of "
+                                 "PRESET/TIER sources, else the dataset's environment)")
+    p.add_argument("--updates", type=int, help="gradient updates per run (default: each agent preset's)")
+    p.add_argument("--eval-episodes", type=int, help="episodes of each run's final evaluation (default: 20)")
+    p.add_argument("--set", nargs="+", metavar="SECTION.KEY=VALUE", help="override preset values of every agent")
+    p.add_argument("--out", help="sweep folder (default: runs/sweep)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--max-group", type=int, help="most runs trained as one group (default: 64)")
+    p.add_argument("--eval-workers", type=int, help="processes for evaluations (default: one per CPU core)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (groups, runs, what is done) and stop")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def dataset_label(source: str) -> str:
+    """A folder name for a dataset source: hopper/medium -> hopper-medium, data/hopper/medium.hdf5 ->
+    hopper-medium, aaren-rl/hopper/medium-v0 -> hopper-medium."""
+    path = Path(source)
+    if path.suffix == ".hdf5":
+        return f"{path.parent.name}-{path.stem}" if path.parent.name else path.stem
+    parts = source.split("/")
+    if len(parts) == 3:  # a Minari id: namespace/env/name-vN
+        parts = parts[1:]
+    label = "-".join(parts)
+    base, _, version = label.rpartition("-v")
+    return base if base and version.isdigit() else label
+
+
+def load_runs(pairs, seeds, train_args: dict, env_name: str | None, folder_of, progress=True):
+    """Run objects for (agent, source) x seeds; each dataset is loaded once."""
+    from aaren_rl.data import load_dataset
+    from aaren_rl.group import Run
+
+    from .train import build_configs
+
+    loaded, runs = {}, []
+    for agent, source in pairs:
+        env_for = env_name
+        if env_for is None and "/" in source and source.split("/")[0] in available("envs") and not source.endswith(".hdf5"):
+            env_for = source.split("/")[0]
+        env = resolve_env(env_for) if env_for else None
+        key = (source, env_for)
+        if key not in loaded:
+            loaded[key] = load_dataset(resolve_dataset(source), env_id=env["env_id"] if env else None,
+                                       ref_min_score=env and env["ref_min"], ref_max_score=env and env["ref_max"])
+        dataset = loaded[key]
+        for seed in seeds:
+            args = argparse.Namespace(**{**train_args, "agent": agent, "seed": seed})
+            mc, tc = build_configs(args, dataset)
+            if env:
+                tc.env_id = env["env_id"]
+                if tc.target_return is None and env["target_returns"]:
+                    tc.target_return = float(env["target_returns"][0])
+            runs.append(Run(mc, tc, dataset, folder_of(agent, source, seed)))
+    return runs
+
+
+def _train_args(args, **extra) -> dict:
+    """The option values ``cli.train.build_configs`` reads."""
+    base = dict(set=[], updates=None, batch_size=None, device="auto", eval_every=None, eval_episodes=None,
+                checkpoint_every=None, target_return=None)
+    base.update({k: getattr(args, k) for k in base if getattr(args, k, None) is not None})
+    base.update({k: v for k, v in extra.items() if v is not None})
+    return base
+
+
+def run_status(run) -> tuple[str, int]:
+    """("done" | "partial" | "new", step of its latest checkpoint)."""
+    ckpt = run.logdir / "checkpoints"
+    if not (ckpt / "latest").is_file():
+        return "new", 0
+    folder = ckpt / (ckpt / "latest").read_text().strip()
+    info = json.loads((folder / "config.json").read_text())
+    step = int(info.get("step", 0))
+    evaluated = "last_eval" in info or not (run.config.env_id or run.dataset.env_id) or run.config.eval_episodes == 0
+    if step >= run.config.updates:
+        return ("done" if evaluated else "trained"), step
+    return "partial", step
+
+
+def plan_groups(runs, max_group: int):
+    """Runs that still need training, grouped: same ``group_key`` and the same checkpoint step."""
+    from aaren_rl.group import group_key
+
+    buckets: dict = {}
+    for run in runs:
+        status, step = run_status(run)
+        if status in ("new", "partial"):
+            buckets.setdefault((group_key(run), step), []).append(run)
+    groups = []
+    for (_, step), members in buckets.items():
+        for i in range(0, len(members), max_group):
+            groups.append((step, members[i:i + max_group]))
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------
+# `aaren-rl train --seeds ...` / several --dataset values: one group
+
+
+def run_train_group(args: argparse.Namespace) -> int:
+    """``aaren-rl train`` with ``--seeds`` or several ``--dataset`` values: one group, folders
+    LOGDIR/sSEED (one dataset) or LOGDIR/DATASET/sSEED (several)."""
+    import torch
+
+    from aaren_rl.group import train_group
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seeds = args.seeds or [args.seed]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"error: --seeds has repeated values: {seeds}")
+    sources = list(dict.fromkeys(args.dataset))
+    name = Path(args.agent).stem
+    base = Path(args.logdir or f"runs/{name}-{dataset_label(sources[0]) if len(sources) == 1 else 'group'}")
+
+    def folder_of(agent, source, seed):
+        return base / dataset_label(source) / f"s{seed}" if len(sources) > 1 else base / f"s{seed}"
+
+    runs = load_runs([(args.agent, s) for s in sources], seeds, _train_args(args), args.env, folder_of)
+    for run in runs:
+        if run.logdir.exists() and any(run.logdir.iterdir()) and not args.resume:
+            raise SystemExit(f"error: run folder {run.logdir} is not empty; pass --resume to continue it or choose --logdir")
+    try:
+        from aaren_rl.group import check_group
+
+        check_group(runs)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"agent {name}: {len(runs)} runs as one group ({', '.join(str(r.logdir) for r in runs)})")
+    train_group(runs, resume=args.resume, progress=not args.no_progress)
+    for run in runs:
+        _print_result(run)
+    print(f"curves: tensorboard --logdir {base}")
+    return 0
+
+
+def _print_result(run) -> None:
+    folder = run.logdir / "checkpoints" / (run.logdir / "checkpoints" / "latest").read_text().strip()
+    ev = json.loads((folder / "config.json").read_text()).get("last_eval")
+    if ev:
+        score = f", normalized score {ev['normalized_score_mean']:.1f}" if "normalized_score_mean" in ev else ""
+        print(f"{run.logdir}: final evaluation ({ev['episodes']} episodes): return {ev['return_mean']:.1f} "
+              f"± {ev['return_std']:.1f}{score}")
+    else:
+        print(f"{run.logdir}: trained, checkpoint {folder}")
+
+
+# ----------------------------------------------------------------------------------------------
+# `aaren-rl sweep`
+
+
+def read_spec(args: argparse.Namespace) -> dict:
+    spec = {}
+    if args.spec:
+        path = Path(args.spec)
+        if not path.is_file():
+            raise SystemExit(f"error: sweep spec {path} not found")
+        try:
+            spec = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise SystemExit(f"error: sweep spec {path} is not valid TOML: {e}") from None
+        unknown = set(spec) - SPEC_KEYS
+        if unknown:
+            raise SystemExit(f"error: sweep spec {path} has unknown key(s) {sorted(unknown)}; known: {sorted(SPEC_KEYS)}")
+    for key in SPEC_KEYS:
+        value = getattr(args, key, None)
+        if value is not None:
+            spec[key] = value
+    spec.setdefault("seeds", [0])
+    spec.setdefault("out", "runs/sweep")
+    spec.setdefault("device", "auto")
+    spec.setdefault("max_group", 64)
+    spec.setdefault("eval_episodes", 20)
+    spec.setdefault("set", [])
+    for key in ("agents", "datasets"):
+        if not spec.get(key):
+            raise SystemExit(f"error: the sweep needs {key} (a list in the spec file, or --{key})")
+    for key in ("agents", "datasets", "seeds", "set"):
+        if not isinstance(spec[key], list):
+            raise SystemExit(f"error: sweep spec: {key} must be a list, got {spec[key]!r}")
+    if not (isinstance(spec["max_group"], int) and spec["max_group"] > 0):
+        raise SystemExit(f"error: max_group must be a positive integer, got {spec['max_group']!r}")
+    return spec
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from aaren_rl.output import write_json
+    from aaren_rl.group import evaluate_job, evaluation_jobs, record_evaluation, train_group
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = read_spec(args)
+    out = Path(spec["out"])
+    train_args = _train_args(argparse.Namespace(), set=spec["set"], updates=spec.get("updates"), device=spec["device"],
+                             eval_episodes=spec["eval_episodes"], eval_every=0)
+    pairs = [(a, d) for a in spec["agents"] for d in spec["datasets"]]
+    runs = load_runs(pairs, spec["seeds"], train_args, spec.get("env"),
+                     lambda agent, source, seed: out / Path(agent).stem / dataset_label(source) / f"s{seed}")
+    meta = {r.logdir: (Path(a).stem, dataset_label(d), s) for r, (a, d, s) in
+            zip(runs, [(a, d, s) for a, d in pairs for s in spec["seeds"]])}
+    groups = plan_groups(runs, spec["max_group"])
+    status = {r.logdir: run_status(r) for r in runs}
+    print(f"sweep {out}: {len(runs)} runs; done {sum(s == 'done' for s, _ in status.values())}, "
+          f"partial {sum(s == 'partial' for s, _ in status.values())}; {len(groups)} group(s) to train")
+    for i, (step, members) in enumerate(groups):
+        agents = sorted({meta[r.logdir][0] for r in members})
+        print(f"  group {i + 1}: {len(members)} runs of {', '.join(agents)} from update {step} "
+              f"({', '.join(str(r.logdir.relative_to(out)) for r in members[:4])}{' ...' if len(members) > 4 else ''})")
+    if args.dry_run:
+        return 0
+
+    def write_summary():
+        rows = []
+        for r in runs:
+            state, step = run_status(r)
+            agent, dataset, seed = meta[r.logdir]
+            row = {"agent": agent, "dataset": dataset, "seed": seed, "folder": str(r.logdir), "status": state,
+                   "step": step, "updates": r.config.updates}
+            if state == "done" and step:
+                folder = r.logdir / "checkpoints" / (r.logdir / "checkpoints" / "latest").read_text().strip()
+                ev = json.loads((folder / "config.json").read_text()).get("last_eval")
+                if ev:
+                    row.update({k: ev.get(k) for k in ("episodes", "return_mean", "return_std", "normalized_score_mean",
+                                                       "normalized_score_std", "policy_ms_per_step", "eval_seconds")})
+            rows.append(row)
+        write_json(out / "sweep.json", {"spec": {k: v for k, v in spec.items()}, "runs": rows})
+
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # evaluations of a finished group run in other processes while the next group trains
+    pending = []
+    with ProcessPoolExecutor(spec.get("eval_workers") or None, mp_context=mp.get_context("spawn")) as pool:
+        def submit(members):
+            for run_ in members:
+                for _, job in evaluation_jobs([run_], run_.config.updates):
+                    pending.append((run_, job, pool.submit(evaluate_job, job)))
+
+        def collect(block: bool):
+            for item in list(pending):
+                run_, job, fut = item
+                if block or fut.done():
+                    record_evaluation(run_, {**fut.result(), "folder": job["folder"]}, run_.config.updates)
+                    pending.remove(item)
+
+        submit([r for r in runs if run_status(r)[0] == "trained"])  # trained earlier, never evaluated
+        t0 = time.perf_counter()
+        for i, (step, members) in enumerate(groups):
+            print(f"group {i + 1}/{len(groups)}: training {len(members)} runs", flush=True)
+            t = time.perf_counter()
+            train_group(members, resume=step > 0, progress=not args.no_progress, final_eval=False,
+                        eval_workers=spec.get("eval_workers"))
+            print(f"group {i + 1}/{len(groups)}: trained in {time.perf_counter() - t:.0f} s", flush=True)
+            submit(members)
+            collect(block=False)
+            write_summary()
+        print(f"waiting for {len(pending)} evaluation(s)", flush=True)
+        collect(block=True)
+    write_summary()
+    done = sum(run_status(r)[0] == "done" for r in runs)
+    print(f"sweep {out}: {done}/{len(runs)} runs done in {time.perf_counter() - t0:.0f} s; summary {out / 'sweep.json'}")
+    return 0
