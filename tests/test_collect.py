@@ -17,7 +17,8 @@ from aaren_rl.data.recording import RawEpisode
 
 TINY = dict(env_id="Pendulum-v1", name="tiny", steps=512, n_envs=2, checkpoints=4,
             checkpoint_eval_episodes=1, episodes=2, ref_episodes=2, rollout_envs=2,
-            hyperparameters={"n_steps": 64, "batch_size": 64, "n_epochs": 1})
+            hyperparameters={"n_steps": 64, "batch_size": 64, "n_epochs": 1},
+            check_references=False)  # a 512-step learner need not beat random
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,10 +39,23 @@ def minari_root(tmp_path, monkeypatch):
 
 
 def test_tiny_collection_writes_every_tier_as_minari_and_hdf5(tmp_path, minari_root):
-    cfg = CollectConfig(out_dir=str(tmp_path / "out"), hdf5=True, **TINY)
+    cfg = CollectConfig(out_dir=str(tmp_path / "out"), hdf5=True, results_dir=str(tmp_path / "results"),
+                        d4rl_ref_min=-1500.0, d4rl_ref_max=-100.0, **TINY)
     report = collect(cfg)
     folder = tmp_path / "out" / "tiny"
     on_disk = json.loads((folder / "report.json").read_text())
+    short = json.loads((tmp_path / "results" / "data_tiny.json").read_text())
+    assert short["env_id"] == "Pendulum-v1" and short["d4rl_ref_max"] == -100.0
+    assert short["ref_min_score"] == report["ref_min_score"] and short["steps"] == report["trained_steps"]
+    assert set(short["tiers"]) == set(TIERS) and {"learner", "settings", "machine", "train_seconds"} <= set(short)
+    for tier, t in short["tiers"].items():
+        assert (t["episodes"], t["steps"]) == (report["tiers"][tier]["episodes"], report["tiers"][tier]["steps"])
+        assert t["d4rl_normalized"] == pytest.approx(100 * (t["return_mean"] + 1500) / 1400)
+    import h5py
+
+    with h5py.File(folder / "medium.hdf5") as f:  # D4RL's dtypes, compressed
+        assert f["observations"].dtype == np.float32 and f["observations"].compression == "gzip"
+        assert f["rewards"].dtype == np.float32 and f["terminals"].dtype == bool
     assert on_disk["status"] == "complete" and set(on_disk["tiers"]) == set(TIERS)
     assert (folder / "policies" / "expert.zip").is_file() and (folder / "policies" / "medium.zip").is_file()
     for tier in TIERS:
@@ -70,27 +84,145 @@ def test_collection_is_reproducible(tmp_path):
             np.testing.assert_array_equal(x.actions, y.actions)
 
 
-def test_interrupted_collection_leaves_no_complete_looking_dataset(tmp_path, minari_root, monkeypatch):
+def test_interrupted_collection_leaves_no_complete_looking_dataset_and_continues(tmp_path, minari_root,
+                                                                              monkeypatch):
     calls = []
 
     def fail_on_second(*args, **kwargs):
         calls.append(args[0])
         if len(calls) == 2:
             raise KeyboardInterrupt  # as if stopped half-way through writing the second tier
-        return real_write_minari(*args, **kwargs)
+        return real_stage(*args, **kwargs)
 
-    real_write_minari = writers.write_minari
-    monkeypatch.setattr(collect_module, "write_minari", fail_on_second)
+    real_stage = writers.stage_minari
+    monkeypatch.setattr(collect_module, "stage_minari", fail_on_second)
     cfg = CollectConfig(out_dir=str(tmp_path / "out"), hdf5=True, **TINY)
     with pytest.raises(KeyboardInterrupt):
         collect(cfg)
     folder = tmp_path / "out" / "tiny"
-    assert not (folder / "report.json").exists()
-    first, second = cfg.dataset_id(TIERS[0]), cfg.dataset_id(TIERS[1])
-    assert load_dataset(first).num_episodes == 2  # tiers written before the stop are whole
-    assert not (minari_root / second).exists()
-    assert not list(minari_root.glob(".staging-*"))
-    assert not list(folder.glob("*.partial")) and not (folder / f"{TIERS[1]}.hdf5").exists()
+    assert json.loads((folder / "report.json").read_text())["status"] == "running"
+    for tier in TIERS:  # tiers are published together at the end: none before the stop
+        assert not (minari_root / cfg.dataset_id(tier)).exists()
+        assert not (folder / f"{tier}.hdf5").exists()
+    assert not list(minari_root.glob(".staging-*")) and not list(folder.glob("*.partial"))
+
+    monkeypatch.setattr(collect_module, "stage_minari", real_stage)
+    report = collect(cfg)  # no --force needed: it continues the unfinished run
+    assert report["status"] == "complete" and len(report["sessions"]) == 1  # not trained again
+    assert all(load_dataset(cfg.dataset_id(t)).num_episodes == report["tiers"][t]["episodes"] for t in TIERS)
+
+
+def test_run_stopped_while_publishing_is_finished_without_force(tmp_path, minari_root, monkeypatch):
+    cfg = CollectConfig(out_dir=str(tmp_path / "out"), **dict(TINY, tiers=("random", "expert")))
+    real_publish = writers.publish_minari
+
+    def publish_one_then_stop(dataset_id, staging):
+        real_publish(dataset_id, staging)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(collect_module, "publish_minari", publish_one_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        collect(cfg)
+    assert (minari_root / cfg.dataset_id("random")).exists()
+    assert json.loads((cfg.folder / "report.json").read_text())["status"] == "publishing"
+    monkeypatch.setattr(collect_module, "publish_minari", real_publish)
+    assert collect(cfg)["status"] == "complete"
+
+
+def test_finished_collection_is_not_redone(tmp_path, capsys):
+    args = ["collect", "--env", "Pendulum-v1", "--tiers", "random", "--steps", "128", "--episodes",
+            "1", "--ref-episodes", "1", "--out", str(tmp_path / "out")]
+    cfg = CollectConfig(out_dir=str(tmp_path / "out"), name="pendulum",
+                        **{k: v for k, v in TINY.items() if k != "name"}, tiers=("random",))
+    first = collect(cfg)
+    assert collect(cfg)["skipped"] and collect(cfg)["total_seconds"] == first["total_seconds"]
+    assert main(args) == 0
+    assert "already complete" in capsys.readouterr().out
+
+
+def test_references_no_better_than_random_are_refused(tmp_path, minari_root, monkeypatch, capsys):
+    real_evaluate = collect_module._evaluate
+
+    def worse_expert(cfg, policy, episodes, seed, desc=None):
+        eps = real_evaluate(cfg, policy, episodes, seed, desc)
+        if desc and desc.startswith("ref_max"):  # an expert far below the random policy
+            eps = [RawEpisode(e.observations, e.actions, e.rewards - 100, e.terminated, e.truncated)
+                   for e in eps]
+        return eps
+
+    monkeypatch.setattr(collect_module, "_evaluate", worse_expert)
+    cfg = CollectConfig(out_dir=str(tmp_path / "out"), **dict(TINY, check_references=True))
+    with pytest.raises(collect_module.CollectError, match="no better than the random policy"):
+        collect(cfg)
+    assert not any((minari_root / cfg.dataset_id(t)).exists() for t in TIERS)
+    assert json.loads((cfg.folder / "report.json").read_text())["status"].startswith("failed")
+    # the command line says so in one line, without a traceback
+    with pytest.raises(SystemExit, match=r"^error: Pendulum-v1: the expert .* no better than the random"):
+        main(["collect", "--env", "Pendulum-v1", "--tiers", "random", "--algorithm", "sac", "--steps",
+              "128", "--episodes", "1", "--ref-episodes", "1", "--out", str(tmp_path / "cli")])
+
+
+def test_stale_staging_folders_are_cleaned_on_the_next_start(tmp_path, minari_root):
+    import os
+
+    dead = 2**22 + 12345  # above Linux's largest pid (pid_max is at most 2**22): no such process
+    stale = minari_root / f".staging-{dead}-abc" / "x"
+    old_style = minari_root / ".staging-q1w2e3"
+    live = minari_root / f".staging-{os.getpid()}-def"
+    for d in (stale, old_style, live):
+        d.mkdir(parents=True)
+    cfg = CollectConfig(out_dir=str(tmp_path / "out"), **dict(TINY, tiers=("random",)))
+    cfg.folder.mkdir(parents=True)
+    (cfg.folder / "random.hdf5.partial").write_text("half")
+    collect(cfg)
+    assert not stale.parent.exists() and not old_style.exists()
+    assert live.exists()  # a running writer's folder is left alone
+    assert not (cfg.folder / "random.hdf5.partial").exists()
+
+
+def test_killed_learner_resumes_from_its_saved_state(tmp_path, minari_root, monkeypatch):
+    kwargs = dict(TINY, algorithm="sac", n_envs=1, steps=300, checkpoints=3, resume_every=100,
+                  hyperparameters={"learning_starts": 50, "batch_size": 32, "buffer_size": 1000},
+                  tiers=("medium-replay",))
+    cfg = CollectConfig(out_dir=str(tmp_path / "out"), **kwargs)
+    real_save = collect_module.LearnerState.save
+    saves = []
+
+    def save_then_die(self, *args):
+        real_save(self, *args)
+        saves.append(args[-1]["step"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # as if killed right after the second save
+
+    monkeypatch.setattr(collect_module.LearnerState, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        collect(cfg)
+    assert saves == [100, 200]
+    monkeypatch.setattr(collect_module.LearnerState, "save", real_save)
+    report = collect(cfg)
+    assert report["resumed_from"] == 200 and report["trained_steps"] == 300
+    assert [(s["from_step"], s["to_step"]) for s in report["sessions"]] == [(0, 200), (200, 300)]
+    # the learner's experience is whole across the restart: medium-replay has every step up to medium
+    assert report["tiers"]["medium-replay"]["steps"] == report["medium"]["step"]
+    # other settings than the saved state's: it starts over, and says so
+    other = CollectConfig(out_dir=str(tmp_path / "out"), **dict(kwargs, seed=1), force=True)
+    assert collect(other)["resumed_from"] is None
+
+
+def test_sbx_learner_through_the_same_interface(tmp_path):
+    pytest.importorskip("sbx")
+    cfg = CollectConfig(out_dir=str(tmp_path / "out"), **dict(
+        TINY, library="sbx", algorithm="sac", n_envs=1, steps=200, checkpoints=2,
+        hyperparameters={"learning_starts": 50, "batch_size": 32}, tiers=("random", "expert")))
+    report = collect(cfg)
+    assert report["status"] == "complete" and report["config"]["library"] == "sbx"
+    assert report["tiers"]["expert"]["episodes"] == 2
+
+
+def test_unknown_learner_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="unknown algorithm 'dqn2'"):
+        main(["collect", "--env", "Pendulum-v1", "--algorithm", "dqn2", "--out", str(tmp_path)])
+    assert not (tmp_path / "pendulum").exists()
 
 
 def test_writers_leave_nothing_when_interrupted_mid_write(tmp_path, minari_root, monkeypatch):
@@ -118,7 +250,7 @@ def test_existing_datasets_are_kept_unless_forced(tmp_path):
     writers.write_minari("t/pendulum/random-v0", [ep], "Pendulum-v1", ref_min_score=0, ref_max_score=1)
     cfg = CollectConfig(out_dir=str(tmp_path), dataset_ids={"random": "t/pendulum/random-v0"},
                         **dict(TINY, tiers=("random",)))
-    with pytest.raises(FileExistsError, match="t/pendulum/random-v0"):
+    with pytest.raises(collect_module.CollectError, match="t/pendulum/random-v0.*--force"):
         collect(cfg)  # refused before any training
     assert not (tmp_path / "tiny" / "policies").exists()
     writers.write_minari("t/pendulum/random-v0", [ep, ep], "Pendulum-v1", ref_min_score=0, ref_max_score=1, force=True)
@@ -130,6 +262,7 @@ def test_cli_collect_with_a_preset_file(tmp_path, capsys):
     preset.write_text(
         'env_id = "Pendulum-v1"\n[datasets]\nrandom = "cli/pendulum/random-v0"\nexpert = "cli/pendulum/expert-v0"\n'
         "[collect]\nn_envs = 2\ncheckpoints = 2\ncheckpoint_eval_episodes = 1\nrollout_envs = 2\n"
+        "check_references = false\n"
         "[collect.hyperparameters]\nn_steps = 64\nbatch_size = 64\nn_epochs = 1\n"
     )
     assert main(["collect", "--env", str(preset), "--tiers", "random", "expert", "--steps", "256",
@@ -144,3 +277,45 @@ def test_cli_rejects_unknown_env_and_tier(tmp_path):
         main(["collect", "--env", "NoSuchEnv-v0", "--out", str(tmp_path)])
     with pytest.raises((SystemExit, ValueError), match="unknown tier"):
         main(["collect", "--env", "Pendulum-v1", "--tiers", "mediocre", "--out", str(tmp_path)])
+
+
+def test_replay_buffer_rebuilt_from_the_recording_is_the_learners_own(tmp_path):
+    from stable_baselines3 import SAC
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from aaren_rl.data.recording import RecordingVecEnv
+
+    env = RecordingVecEnv(make_vec_env("Pendulum-v1", n_envs=1, seed=0))
+    model = SAC("MlpPolicy", env, learning_starts=50, batch_size=32, buffer_size=300, seed=0, device="cpu")
+    model.learn(450)  # more than the buffer holds: it wrapped around
+    collect_module.save_episodes(tmp_path / "rec.npz", env.snapshot())
+    restored = collect_module.load_episodes(tmp_path / "rec.npz")
+    assert restored["num_steps"] == 450 and sum(len(e) for e in restored["episodes"]) == 450
+    fresh = SAC("MlpPolicy", env, buffer_size=300, seed=1, device="cpu")
+    collect_module.refill_replay_buffer(fresh, restored["episodes"])
+    a, b = model.replay_buffer, fresh.replay_buffer
+    assert (a.pos, a.full) == (b.pos, b.full) == (150, True)
+    for key in ("observations", "next_observations", "actions", "rewards"):
+        np.testing.assert_allclose(getattr(a, key), getattr(b, key), rtol=1e-6, atol=1e-6)  # float32 copy
+    last = (a.pos - 1) % 300  # the episode still running at the snapshot is cut there (a time-out)
+    keep = np.arange(300) != last
+    np.testing.assert_array_equal(a.dones[keep], b.dones[keep])
+    np.testing.assert_array_equal(a.timeouts[keep], b.timeouts[keep])
+    assert b.dones[last] and b.timeouts[last]
+
+
+def test_locomotion_suite_presets_are_complete():
+    import argparse
+
+    from aaren_rl.cli.collect import SUITES, add_arguments, config_for
+
+    assert SUITES["locomotion"] == ["hopper", "halfcheetah", "walker2d", "ant"]
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    for name in SUITES["locomotion"]:
+        cfg = config_for(name, p.parse_args(["--suite", "locomotion"]))
+        assert cfg.env_id.endswith("-v5") and set(cfg.dataset_ids) == set(TIERS)
+        assert cfg.d4rl_ref_min is not None and cfg.d4rl_ref_max > cfg.d4rl_ref_min
+        assert cfg.algorithm in collect_module.LIBRARIES[cfg.library][1]
+        assert cfg.resume_every > 0 and cfg.tier_steps >= 200_000 and not cfg.deterministic
+    assert config_for("ant", p.parse_args(["--suite", "locomotion"])).d4rl_ref_max == 3879.7

@@ -76,7 +76,8 @@ def test_hdf5_round_trip_keeps_terminals_and_timeouts_apart(tmp_path, raw_episod
     path = write_hdf5(tmp_path / "d.hdf5", raw_episodes, "Pendulum-v1", ref_min_score=-1.0, ref_max_score=9.0)
     with h5py.File(path) as f:
         assert set(f) == {"observations", "next_observations", "actions", "rewards", "terminals", "timeouts"}
-        np.testing.assert_array_equal(f["next_observations"][:4], raw_episodes[0].observations[1:5])
+        assert f["observations"].dtype == np.float32  # as D4RL's
+        np.testing.assert_allclose(f["next_observations"][:4], raw_episodes[0].observations[1:5], rtol=1e-6)
     ds = load_dataset(path)
     assert ds.env_id == "Pendulum-v1" and (ds.ref_min_score, ds.ref_max_score) == (-1.0, 9.0)
     assert [len(ep) for ep in ds.episodes] == [5, 8, 3]

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "collect": "collect data with Stable-Baselines3 and write Minari / D4RL-format datasets",
+    "collect": "collect data with a Stable-Baselines3 or sbx learner and write Minari / D4RL-format datasets",
     "train": "train an agent on an offline dataset",
     "sweep": "train agents x datasets x seeds, compatible runs together as batched groups; resumable",
     "evaluate": "evaluate a checkpoint in a gymnasium environment",

@@ -1,7 +1,7 @@
-"""``aaren-rl collect``: train a Stable-Baselines3 learner and write D4RL-style dataset tiers.
+"""``aaren-rl collect``: train a Stable-Baselines3 (or sbx) learner and write D4RL-style dataset tiers.
 
     aaren-rl collect --env pendulum --hdf5                 # the quick demo environment
-    aaren-rl collect --suite locomotion --hdf5             # hopper, halfcheetah, walker2d
+    aaren-rl collect --suite locomotion --hdf5             # hopper, halfcheetah, walker2d, ant
     aaren-rl collect --env CartPole-v1 --steps 50000       # any gymnasium id, default settings
 
 Settings come from the env preset's ``[collect]`` table (``envs/NAME.toml``); options given here
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .presets import available, load_preset
 
-SUITES = {"locomotion": ["hopper", "halfcheetah", "walker2d"]}
+SUITES = {"locomotion": ["hopper", "halfcheetah", "walker2d", "ant"]}
 PRESET_DEFAULT = "(default: the env preset's [collect] value, else CollectConfig's)"
 
 
@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     which.add_argument("--suite", choices=sorted(SUITES), help="a named group of presets (no default: give --env or --suite)")
     p.add_argument("--tiers", nargs="+", metavar="TIER",
                    help="random medium medium-replay expert medium-expert (default: all)")
+    p.add_argument("--library", choices=["sb3", "sbx"],
+                   help="learner library: sb3 (Stable-Baselines3, with sb3-contrib's tqc/crossq) "
+                        "or sbx (sbx-rl, JAX: pip install 'aaren-rl[sbx]') (default: the preset's, else sb3)")
+    p.add_argument("--algorithm", help="learner: ppo, sac, td3, tqc, crossq, ... (default: the preset's, else ppo)")
     p.add_argument("--steps", type=int, help=f"learner training steps {PRESET_DEFAULT}")
     p.add_argument("--episodes", type=int, help=f"episodes per rolled-out tier (at least) {PRESET_DEFAULT}")
     p.add_argument("--tier-steps", type=int, help=f"steps per rolled-out tier (at least) {PRESET_DEFAULT}")
@@ -39,8 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed of the learner, the rollouts and the references (default: 0)")
     p.add_argument("--out", default="data", help="folder for policies, HDF5 files and reports (default: data)")
     p.add_argument("--hdf5", action="store_true", help="also write D4RL-format HDF5 files")
+    p.add_argument("--results", metavar="DIR", default="",
+                   help="also write a summary report DIR/data_NAME.json, e.g. benchmarks/results "
+                        "(default: none)")
     p.add_argument("--force", action="store_true", help="replace existing datasets with the same ids")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch (and JAX) CPU threads (default: 1)")
 
 
 def _slug(env_id: str) -> str:
@@ -57,6 +64,9 @@ def config_for(name: str, args: argparse.Namespace):
         settings = dict(preset.get("collect", {}))
         settings["name"] = preset["name"]
         settings["dataset_ids"] = dict(preset.get("datasets", {}))
+        for key in ("d4rl_ref_min", "d4rl_ref_max"):
+            if key in preset.get("reference", {}):
+                settings[key] = float(preset["reference"][key])
     else:
         env_id, settings = name, {"name": _slug(name)}
     known = {f.name for f in fields(CollectConfig)}
@@ -64,20 +74,26 @@ def config_for(name: str, args: argparse.Namespace):
     if unknown:
         raise SystemExit(f"error: unknown [collect] setting(s) {sorted(unknown)} in preset {name!r}; "
                          f"known: {sorted(known)}")
-    overrides = {"tiers": args.tiers, "steps": args.steps, "episodes": args.episodes,
+    overrides = {"library": args.library, "algorithm": args.algorithm,
+                 "tiers": args.tiers, "steps": args.steps, "episodes": args.episodes,
                  "tier_steps": args.tier_steps, "ref_episodes": args.ref_episodes,
                  "seed": args.seed}
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if "tiers" in settings:
         settings["tiers"] = tuple(settings["tiers"])
-    return CollectConfig(env_id=env_id, out_dir=args.out, hdf5=args.hdf5, force=args.force, **settings)
+    return CollectConfig(env_id=env_id, out_dir=args.out, hdf5=args.hdf5, force=args.force,
+                         results_dir=args.results, **settings)
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
+    if args.threads == 1 and "XLA_FLAGS" not in os.environ:  # before JAX (sbx) is imported
+        os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     import gymnasium as gym
     import torch
 
-    from aaren_rl.data.collect import collect, markdown_table
+    from aaren_rl.data.collect import CollectError, collect, markdown_table
 
     torch.set_num_threads(args.threads)
     names = SUITES[args.suite] if args.suite else args.env
@@ -92,11 +108,22 @@ def run(args: argparse.Namespace) -> int:
     for cfg in configs:
         try:
             report = collect(cfg)
+        except CollectError as e:
+            if len(configs) == 1:
+                raise SystemExit(f"error: {e}") from None
+            print(f"\n{cfg.env_id}: collection FAILED: {e}", file=sys.stderr)
+            failed.append(cfg.env_id)
+            continue
         except Exception as e:  # one environment failing should not lose the others of a suite
             if len(configs) == 1:
                 raise
             print(f"\n{cfg.env_id}: collection FAILED: {type(e).__name__}: {e}", file=sys.stderr)
             failed.append(cfg.env_id)
+            continue
+        if report.get("skipped"):
+            print(f"\n{cfg.env_id}: already complete ({cfg.folder / 'report.json'}); "
+                  "not redone (--force rebuilds its datasets)")
+            summary.append({"env_id": cfg.env_id, "report": str(cfg.folder / "report.json")})
             continue
         print(f"\n{cfg.env_id}: trained {cfg.steps} steps in {report['train_seconds']:.0f} s, "
               f"total {report['total_seconds']:.0f} s; ref_min {report['ref_min_score']:.1f}, "

@@ -17,6 +17,9 @@ One call to :func:`collect` does what D4RL did for its MuJoCo datasets:
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,15 +30,27 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .recording import RawEpisode, RecordingVecEnv, rollout
 from ..output import write_json
-from .writers import minari_dataset_exists, write_hdf5, write_minari
+from .recording import RawEpisode, RecordingVecEnv, rollout
+from .writers import (clean_stale_staging, minari_dataset_exists, minari_root, publish_minari,
+                      stage_minari, write_hdf5)
 
 TIERS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 ACTIVATIONS = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU, "elu": torch.nn.ELU}
 # Different seed streams for each use of randomness, so that changing one leaves the others alone.
 SEED_OFFSETS = {"random": 1000, "medium": 2000, "expert": 3000, "ref_min": 4000, "ref_max": 5000,
                 "checkpoints": 6000}
+
+
+class CollectError(ValueError):
+    """A collection that cannot go on, with a message for the user (the CLI prints it as is)."""
+
+
+def _read_report(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass
@@ -49,7 +64,8 @@ class CollectConfig:
     out_dir: str = "data"
     seed: int = 0
     # learner
-    algorithm: str = "ppo"  # ppo | sac | td3 | a2c (Stable-Baselines3)
+    library: str = "sb3"  # sb3: Stable-Baselines3 (+ sb3-contrib for tqc); sbx: sbx-rl (JAX)
+    algorithm: str = "ppo"  # ppo | sac | td3 | a2c | tqc | crossq (what the library offers)
     steps: int = 100_000
     n_envs: int = 4
     normalize: bool = False  # VecNormalize observations and rewards while training
@@ -58,15 +74,21 @@ class CollectConfig:
     policy_kwargs: dict = field(default_factory=dict)
     checkpoints: int = 20  # saved evenly during training; the medium policy is one of them
     checkpoint_eval_episodes: int = 10
+    resume_every: int = 0  # save the learner's full state (replay buffer too) every so many
+    #                        steps, to continue a killed run; 0: at every checkpoint
     # datasets
     episodes: int = 100  # per rolled-out tier (at least)
     tier_steps: int = 0  # and at least this many steps per rolled-out tier
     ref_episodes: int = 100  # episodes averaged for ref_min_score / ref_max_score
     deterministic: bool = False  # act with the policy's mean action (else sample, as D4RL did)
     medium_fraction: float = 1 / 3
+    check_references: bool = True  # refuse to write datasets whose expert is no better than random
     rollout_envs: int = 10
     hdf5: bool = False
     force: bool = False
+    results_dir: str = ""  # if set, also write the summary report results_dir/data_<name>.json
+    d4rl_ref_min: float | None = None  # D4RL's references (from the preset), for the summary
+    d4rl_ref_max: float | None = None
 
     def dataset_id(self, tier: str) -> str:
         return self.dataset_ids.get(tier) or f"aaren-rl/{self.name}/{tier}-v0"
@@ -79,26 +101,48 @@ class CollectConfig:
 # ---------------------------------------------------------------------------------- policies
 
 
-def _algorithm(name: str):
-    import stable_baselines3 as sb3
+LIBRARIES = {
+    "sb3": ("stable_baselines3", {"ppo": "PPO", "sac": "SAC", "td3": "TD3", "a2c": "A2C",
+                                  "ddpg": "DDPG"}),
+    "sb3-contrib": ("sb3_contrib", {"tqc": "TQC", "crossq": "CrossQ", "trpo": "TRPO"}),
+    "sbx": ("sbx", {"ppo": "PPO", "sac": "SAC", "td3": "TD3", "tqc": "TQC", "crossq": "CrossQ",
+                    "ddpg": "DDPG"}),
+}
+LIBRARY_NAMES = {"sb3": "stable-baselines3", "sbx": "sbx-rl"}
+INSTALL_HINT = {"sb3-contrib": "pip install sb3-contrib", "sbx": "pip install 'aaren-rl[sbx]'"}
 
-    algos = {"ppo": sb3.PPO, "sac": sb3.SAC, "td3": sb3.TD3, "a2c": sb3.A2C}
-    if name.lower() not in algos:
-        raise ValueError(f"unknown algorithm {name!r}; expected one of {sorted(algos)}")
-    return algos[name.lower()]
+
+def _algorithm(name: str, library: str = "sb3"):
+    """The learner class ``name`` of ``library``. ``sb3`` also finds sb3-contrib's (tqc, crossq)."""
+    import importlib
+
+    if library not in ("sb3", "sbx"):
+        raise CollectError(f"unknown learner library {library!r}; expected 'sb3' or 'sbx'")
+    sources = ["sb3", "sb3-contrib"] if library == "sb3" else ["sbx"]
+    for source in sources:
+        module, names = LIBRARIES[source]
+        if name.lower() in names:
+            try:
+                return getattr(importlib.import_module(module), names[name.lower()])
+            except ImportError:
+                raise CollectError(f"algorithm {name!r} needs {module}, which is not installed: "
+                                 f"{INSTALL_HINT.get(source, 'pip install ' + module)}") from None
+    known = sorted({n for source in sources for n in LIBRARIES[source][1]})
+    raise CollectError(f"unknown algorithm {name!r} for library {library!r}; expected one of {known}")
 
 
 def _vecnormalize_path(model_path: Path) -> Path:
     return model_path.with_name(model_path.stem + "_vecnormalize.pkl")
 
 
-def load_policy(model_path, algorithm: str, env_id: str, deterministic: bool = False):
+def load_policy(model_path, algorithm: str, env_id: str, deterministic: bool = False,
+                library: str = "sb3"):
     """A saved SB3 policy as a function from a batch of raw observations to a batch of actions
     (observations normalized with the VecNormalize statistics saved beside it, if any)."""
     from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
     model_path = Path(model_path)
-    model = _algorithm(algorithm).load(model_path, device="cpu")
+    model = _algorithm(algorithm, library).load(model_path, device="cpu")
     norm = None
     if _vecnormalize_path(model_path).exists():
         norm = VecNormalize.load(str(_vecnormalize_path(model_path)),
@@ -127,66 +171,259 @@ def random_policy(env_id: str, seed: int):
 # ---------------------------------------------------------------------------------- training
 
 
-def _policy_kwargs(kwargs: dict) -> dict:
+def _policy_kwargs(kwargs: dict, library: str = "sb3") -> dict:
     kwargs = dict(kwargs)
     if isinstance(kwargs.get("activation_fn"), str):
-        kwargs["activation_fn"] = ACTIVATIONS[kwargs["activation_fn"].lower()]
+        name = kwargs["activation_fn"].lower()
+        if library == "sbx":  # flax functions, not torch modules
+            import flax.linen as nn
+
+            kwargs["activation_fn"] = getattr(nn, name)
+        else:
+            kwargs["activation_fn"] = ACTIVATIONS[name]
     return kwargs
 
 
-def train_learner(cfg: CollectConfig, policies_dir: Path):
-    """Train the SB3 learner, saving checkpoints; returns (recording env, [(step, path)], seconds)."""
+# What a saved learner state must agree on to be continued (the step count may grow).
+RESUME_KEYS = ("env_id", "seed", "library", "algorithm", "n_envs", "normalize", "hyperparameters",
+               "lr_schedule", "policy_kwargs")
+
+
+def _resume_key(cfg: CollectConfig) -> dict:
+    return json.loads(json.dumps({k: getattr(cfg, k) for k in RESUME_KEYS}))
+
+
+def machine() -> dict:
+    """Where a collection ran, for its report."""
+    import os
+    import platform
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"host": platform.node(), "cpu": cpu, "cpus": os.cpu_count(),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+class LearnerState:
+    """The learner's full state in ``policies/resume/``: the model, VecNormalize statistics, the
+    recorded transitions (``recording.npz``, float32, compressed) and ``state.json`` (written
+    last, so that a state without it is ignored). Each save replaces the previous one atomically
+    (a new folder, renamed). An off-policy learner's replay buffer is not saved: with one env it
+    holds exactly the recorded transitions, so it is rebuilt from them (:func:`refill_replay_buffer`),
+    which keeps the state small enough to carry between machines."""
+
+    def __init__(self, policies_dir: Path):
+        self.dir = policies_dir / "resume"
+
+    def load_meta(self) -> dict | None:
+        old = self.dir.with_name(self.dir.name + ".old")
+        if not self.dir.exists() and old.exists():  # stopped between the two renames of a save
+            os.replace(old, self.dir)
+        try:
+            return json.loads((self.dir / "state.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def save(self, model, norm, recording: RecordingVecEnv, meta: dict) -> None:
+        tmp = self.dir.with_name(self.dir.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.save(tmp / "model.zip")
+        if getattr(model, "replay_buffer", None) is not None and recording.num_envs > 1:
+            model.save_replay_buffer(tmp / "replay_buffer.pkl")  # not rebuilt from the recording
+        if norm is not None:
+            norm.save(str(tmp / "vecnormalize.pkl"))
+        save_episodes(tmp / "recording.npz", recording.snapshot())
+        write_json(tmp / "state.json", meta)
+        old = self.dir.with_name(self.dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.dir.exists():
+            os.replace(self.dir, old)
+        os.replace(tmp, self.dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def clear(self) -> None:
+        for d in (self.dir, self.dir.with_name(self.dir.name + ".partial"),
+                  self.dir.with_name(self.dir.name + ".old")):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def save_episodes(path: Path, snapshot: dict) -> None:
+    """A recording snapshot (``RecordingVecEnv.snapshot``) as one compressed npz, float32."""
+    eps = snapshot["episodes"]
+    cat = lambda key, dtype=np.float32: (np.concatenate([getattr(e, key) for e in eps]).astype(dtype)
+                                        if eps else np.zeros(0, dtype))
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
+        np.savez_compressed(
+            f, observations=cat("observations"),
+            actions=cat("actions", np.float32 if eps and eps[0].actions.dtype.kind == "f" else np.int64),
+            rewards=cat("rewards"), lengths=np.array([len(e) for e in eps], np.int64),
+            terminated=np.array([e.terminated for e in eps], bool),
+            truncated=np.array([e.truncated for e in eps], bool),
+            first_step=np.array([e.first_step for e in eps], np.int64),
+            num_steps=np.array(snapshot["num_steps"], np.int64))
+    os.replace(partial, path)
+
+
+def load_episodes(path: Path) -> dict:
+    with np.load(path) as z:
+        obs, act, rew = z["observations"], z["actions"], z["rewards"]
+        episodes, o, a = [], 0, 0
+        for T, term, trunc, first in zip(z["lengths"], z["terminated"], z["truncated"], z["first_step"]):
+            episodes.append(RawEpisode(obs[o:o + T + 1], act[a:a + T], rew[a:a + T].astype(np.float64),
+                                       bool(term), bool(trunc), int(first)))
+            o, a = o + T + 1, a + T
+        return {"episodes": episodes, "num_steps": int(z["num_steps"])}
+
+
+def refill_replay_buffer(model, episodes: list[RawEpisode]) -> None:
+    """Put the recorded transitions of a one-env learner back in its (empty) replay buffer, in
+    the order they happened, as the learner stored them: actions rescaled to [-1, 1], episode ends
+    done, time-outs (and the cut episodes of a restart) marked as such so they are bootstrapped."""
+    buf = model.replay_buffer
+    eps = sorted(episodes, key=lambda e: e.first_step)
+    if not eps:
+        return
+    obs = np.concatenate([e.observations[:-1] for e in eps])
+    next_obs = np.concatenate([e.observations[1:] for e in eps])
+    actions = model.policy.scale_action(np.concatenate([e.actions for e in eps]))
+    rewards = np.concatenate([e.rewards for e in eps])
+    ends = np.concatenate([np.arange(len(e)) == len(e) - 1 for e in eps])
+    timeouts = np.concatenate([(np.arange(len(e)) == len(e) - 1) & e.truncated for e in eps])
+    n, size = len(rewards), buf.buffer_size
+    keep = np.arange(max(n - size, 0), n)  # a full buffer keeps the latest transitions
+    idx = keep % size
+    buf.observations[idx, 0] = obs[keep].reshape(len(keep), *buf.obs_shape)
+    if getattr(buf, "optimize_memory_usage", False):
+        buf.observations[(idx + 1) % size, 0] = next_obs[keep].reshape(len(keep), *buf.obs_shape)
+    else:
+        buf.next_observations[idx, 0] = next_obs[keep].reshape(len(keep), *buf.obs_shape)
+    buf.actions[idx, 0] = actions[keep].reshape(len(keep), buf.action_dim)
+    buf.rewards[idx, 0] = rewards[keep]
+    buf.dones[idx, 0] = ends[keep]
+    if hasattr(buf, "timeouts"):
+        buf.timeouts[idx, 0] = timeouts[keep]
+    buf.pos, buf.full = n % size, n >= size
+
+
+def train_learner(cfg: CollectConfig, policies_dir: Path, log=print):
+    """Train the learner, saving checkpoints and (every ``resume_every`` steps) its full state, so
+    that a killed run continues where it was saved; returns (recording env, [(step, path)], info)
+    with info = {"train_seconds", "resumed_from", "sessions"}."""
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import VecNormalize
 
     policies_dir.mkdir(parents=True, exist_ok=True)
-    for stale in policies_dir.glob("checkpoint_*"):  # from an earlier or interrupted run
-        stale.unlink()
-    recording = RecordingVecEnv(make_vec_env(cfg.env_id, n_envs=cfg.n_envs, seed=cfg.seed))
-    env = VecNormalize(recording, gamma=cfg.hyperparameters.get("gamma", 0.99)) if cfg.normalize else recording
+    state = LearnerState(policies_dir)
+    meta = state.load_meta()
+    if meta is not None and (meta.get("key") != _resume_key(cfg) or meta["step"] > cfg.steps):
+        log(f"{cfg.name}: the saved learner state in {state.dir} is of other settings; starting over")
+        meta = None
+    if meta is None:
+        state.clear()
+        for stale in policies_dir.glob("checkpoint_*"):  # from an earlier or interrupted run
+            stale.unlink()
+    start_step = meta["step"] if meta else 0
+    every = max(cfg.steps // max(cfg.checkpoints, 1), 1)
+    save_every = cfg.resume_every or every
+    algo = _algorithm(cfg.algorithm, cfg.library)
+
+    # A resumed run gets fresh env seeds (derived from the step it continues from): its data is
+    # whole and seeded, though not the same as that of an uninterrupted run.
+    env_seed = cfg.seed + start_step
+    recording = RecordingVecEnv(make_vec_env(cfg.env_id, n_envs=cfg.n_envs, seed=env_seed))
+    if meta:
+        if (state.dir / "recording.npz").exists():
+            recording.restore(load_episodes(state.dir / "recording.npz"))
+        else:  # the layout of earlier versions
+            with open(state.dir / "recording.pkl", "rb") as f:
+                recording.restore(pickle.load(f))
+    env = recording
+    if cfg.normalize:
+        if meta:
+            env = VecNormalize.load(str(state.dir / "vecnormalize.pkl"), recording)
+        else:
+            env = VecNormalize(recording, gamma=cfg.hyperparameters.get("gamma", 0.99))
     hyperparameters = dict(cfg.hyperparameters)
     if cfg.lr_schedule == "linear":
         lr = hyperparameters.get("learning_rate", 3e-4)
         hyperparameters["learning_rate"] = lambda progress_remaining: progress_remaining * lr
     elif cfg.lr_schedule != "constant":
-        raise ValueError(f"lr_schedule must be 'constant' or 'linear', got {cfg.lr_schedule!r}")
-    model = _algorithm(cfg.algorithm)(
-        "MlpPolicy", env, seed=cfg.seed, device="cpu", verbose=0,
-        policy_kwargs=_policy_kwargs(cfg.policy_kwargs), **hyperparameters,
-    )
-    every = max(cfg.steps // max(cfg.checkpoints, 1), 1)
-    saved: list[tuple[int, Path]] = []
+        raise CollectError(f"lr_schedule must be 'constant' or 'linear', got {cfg.lr_schedule!r}")
+    device = {} if cfg.library == "sbx" else {"device": "cpu"}
+    if meta:
+        custom = {"learning_rate": hyperparameters["learning_rate"]} if cfg.lr_schedule == "linear" else {}
+        model = algo.load(state.dir / "model.zip", env=env, custom_objects=custom or None, **device)
+        if (state.dir / "replay_buffer.pkl").exists():
+            model.load_replay_buffer(state.dir / "replay_buffer.pkl")
+        elif getattr(model, "replay_buffer", None) is not None:
+            refill_replay_buffer(model, recording.episodes)
+        model.set_random_seed(env_seed)
+        saved = [(s, Path(p)) for s, p in meta["checkpoints"]]
+        sessions = list(meta["sessions"])
+        log(f"{cfg.name}: resuming the learner at step {start_step} of {cfg.steps} "
+            f"(state saved in {state.dir})")
+    else:
+        model = algo("MlpPolicy", env, seed=cfg.seed, verbose=0,
+                     policy_kwargs=_policy_kwargs(cfg.policy_kwargs, cfg.library), **hyperparameters,
+                     **device)
+        saved, sessions = [], []
+    session = {"from_step": start_step, "to_step": start_step, "seconds": 0.0, "machine": machine()}
+    start = time.perf_counter()
 
     def save(path: Path):
         model.save(path)
         if cfg.normalize:
             env.save(str(_vecnormalize_path(path)))
 
-    class Checkpoints(BaseCallback):
-        def _on_training_start(self):
-            self.bar = tqdm(total=cfg.steps, desc=f"{cfg.name}: train {cfg.algorithm}", unit="step")
-            self.next = every
+    def save_state(step: int, finished: bool):
+        session["to_step"], session["seconds"] = step, time.perf_counter() - start
+        state.save(model, env if cfg.normalize else None, recording,
+                   {"key": _resume_key(cfg), "step": step, "finished": finished,
+                    "checkpoints": [(s, str(p)) for s, p in saved], "sessions": sessions})
 
-        def _on_step(self):
-            self.bar.update(self.training_env.num_envs)
-            if self.num_timesteps >= self.next and self.num_timesteps < cfg.steps:
-                path = policies_dir / f"checkpoint_{self.num_timesteps:09d}.zip"
-                save(path)
-                saved.append((self.num_timesteps, path))
-                self.next += every
-            return True
+    remaining = cfg.steps - start_step
+    if not (meta and meta.get("finished") and remaining <= 0):
+        sessions.append(session)
+        class Checkpoints(BaseCallback):
+            def _on_training_start(self):
+                self.bar = tqdm(total=cfg.steps, initial=start_step, unit="step",
+                                desc=f"{cfg.name}: train {cfg.library} {cfg.algorithm}")
+                self.next = (start_step // every + 1) * every
+                self.next_state = (start_step // save_every + 1) * save_every
 
-        def _on_training_end(self):
-            self.bar.close()
+            def _on_step(self):
+                self.bar.update(self.training_env.num_envs)
+                if self.num_timesteps >= self.next and self.num_timesteps < cfg.steps:
+                    path = policies_dir / f"checkpoint_{self.num_timesteps:09d}.zip"
+                    save(path)
+                    saved.append((self.num_timesteps, path))
+                    self.next += every
+                if self.num_timesteps >= self.next_state and self.num_timesteps < cfg.steps:
+                    save_state(self.num_timesteps, False)
+                    self.next_state += save_every
+                return True
 
-    start = time.perf_counter()
-    model.learn(cfg.steps, callback=Checkpoints())
-    seconds = time.perf_counter() - start
-    expert_path = policies_dir / "expert.zip"
-    save(expert_path)
-    saved.append((model.num_timesteps, expert_path))
-    return recording, saved, seconds
+            def _on_training_end(self):
+                self.bar.close()
+
+        if remaining > 0:
+            model.learn(remaining, callback=Checkpoints(), reset_num_timesteps=not meta)
+        expert_path = policies_dir / "expert.zip"
+        save(expert_path)
+        saved = [(s, p) for s, p in saved if p != expert_path] + [(model.num_timesteps, expert_path)]
+        save_state(model.num_timesteps, True)
+    info = {"train_seconds": sum(s["seconds"] for s in sessions), "resumed_from": start_step or None,
+            "sessions": sessions}
+    return recording, saved, info
 
 
 # ---------------------------------------------------------------------------------- collection
@@ -210,21 +447,36 @@ def collect(cfg: CollectConfig) -> dict:
     """Train, measure references, roll out and write the tiers; returns (and writes) the report."""
     unknown = set(cfg.tiers) - set(TIERS)
     if unknown:
-        raise ValueError(f"unknown tier(s) {sorted(unknown)}; expected some of {list(TIERS)}")
-    gym.spec(cfg.env_id)  # fail now on an unknown env id, not after training
-    existing = [cfg.dataset_id(t) for t in cfg.tiers if minari_dataset_exists(cfg.dataset_id(t))]
-    if existing and not cfg.force:
-        raise FileExistsError(f"Minari dataset(s) {existing} already exist; pass --force to replace them")
-    t_start = time.perf_counter()
+        raise CollectError(f"unknown tier(s) {sorted(unknown)}; expected some of {list(TIERS)}")
+    gym.spec(cfg.env_id)  # fail now on an unknown env id or learner, not after training
+    _algorithm(cfg.algorithm, cfg.library)
     folder = cfg.folder
+    clean_stale_staging()  # left by a writer killed with -9
+    for stale in folder.glob("*.partial"):
+        stale.unlink()
+    previous = _read_report(folder / "report.json")
+    # datasets this folder's earlier run wrote or was publishing: a rerun may replace them
+    ours = set(previous.get("publishing", [])) | {t.get("dataset_id") for t in
+                                                   previous.get("tiers", {}).values()} if previous else set()
+    existing = [t for t in cfg.tiers if minari_dataset_exists(cfg.dataset_id(t))]
+    if previous and previous.get("status") == "complete" and not cfg.force \
+            and set(cfg.tiers) <= set(previous.get("tiers", {})) and len(existing) == len(cfg.tiers):
+        return {**previous, "skipped": True}
+    foreign = [cfg.dataset_id(t) for t in existing if cfg.dataset_id(t) not in ours]
+    if foreign and not cfg.force:
+        raise CollectError(
+            f"Minari dataset(s) {', '.join(foreign)} already exist under {minari_root()} and are not "
+            f"from an unfinished run in {folder}; pass --force to replace them")
+    t_start = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     report = {"env_id": cfg.env_id, "config": asdict(cfg), "status": "running"}
+    write_json(folder / "report.json", report)  # not complete: a rerun continues this one
 
     # 1. the learner
-    recording, checkpoints, train_seconds = train_learner(cfg, folder / "policies")
-    report["train_seconds"] = train_seconds
+    recording, checkpoints, info = train_learner(cfg, folder / "policies")
+    report.update(info)
     report["trained_steps"] = checkpoints[-1][0]  # SB3 rounds up to whole rollouts
-    policy = lambda path: load_policy(path, cfg.algorithm, cfg.env_id, cfg.deterministic)
+    policy = lambda path: load_policy(path, cfg.algorithm, cfg.env_id, cfg.deterministic, cfg.library)
     expert_step, expert_path = checkpoints[-1]
 
     # 2. references
@@ -235,6 +487,13 @@ def collect(cfg: CollectConfig) -> dict:
     ref_min = _stats(ref_min_eps)["return_mean"]
     ref_max = _stats(ref_max_eps)["return_mean"]
     report.update(ref_min_score=ref_min, ref_max_score=ref_max, ref_episodes=cfg.ref_episodes)
+    if cfg.check_references and not ref_max > ref_min:
+        write_json(folder / "report.json", {**report, "status": "failed: expert no better than random"})
+        raise CollectError(
+            f"{cfg.env_id}: the expert ({cfg.library} {cfg.algorithm}, {report['trained_steps']} steps) "
+            f"returns {ref_max:.1f}, no better than the random policy's {ref_min:.1f}, so normalized "
+            f"scores would be meaningless; no dataset written. Train longer (a larger --steps "
+            f"continues this learner) or change the learner's settings")
 
     # 3. the medium checkpoint
     target = ref_min + cfg.medium_fraction * (ref_max - ref_min)
@@ -283,34 +542,88 @@ def collect(cfg: CollectConfig) -> dict:
     low = getattr(env.action_space, "low", None)
     high = getattr(env.action_space, "high", None)
     env.close()
+    # Every tier is built in a staging place first and published together at the end, so that
+    # a stopped run leaves no dataset that looks complete; the report says what is being published
+    # so that a rerun may replace it without --force.
     report["tiers"] = {}
-    for tier in cfg.tiers:
-        episodes = data[tier]
-        dataset_id = cfg.dataset_id(tier)
-        write_minari(dataset_id, episodes, cfg.env_id, ref_min_score=ref_min, ref_max_score=ref_max,
-                     algorithm_name=f"{cfg.algorithm.upper()} (stable-baselines3), {tier} tier",
-                     description=f"aaren-rl {tier} tier of {cfg.env_id}", force=cfg.force)
-        entry = {"dataset_id": dataset_id, **_stats(episodes)}
-        if tier in tier_seconds:
-            entry["rollout_seconds"] = tier_seconds[tier]
-        if cfg.hdf5:
-            entry["hdf5"] = str(write_hdf5(folder / f"{tier}.hdf5", episodes, cfg.env_id,
-                                           ref_min_score=ref_min, ref_max_score=ref_max,
-                                           action_low=low, action_high=high, tier=tier))
-        report["tiers"][tier] = entry
+    staged = {}
+    try:
+        for tier in tqdm(cfg.tiers, desc=f"{cfg.name}: write", leave=False):
+            episodes = data[tier]
+            dataset_id = cfg.dataset_id(tier)
+            staged[tier] = [stage_minari(
+                dataset_id, episodes, cfg.env_id, ref_min_score=ref_min, ref_max_score=ref_max,
+                algorithm_name=f"{cfg.algorithm.upper()} ({LIBRARY_NAMES[cfg.library]}), {tier} tier",
+                description=f"aaren-rl {tier} tier of {cfg.env_id}")]
+            entry = {"dataset_id": dataset_id, **_stats(episodes)}
+            if tier in tier_seconds:
+                entry["rollout_seconds"] = tier_seconds[tier]
+            if cfg.hdf5:
+                staged[tier].append(write_hdf5(folder / f"{tier}.hdf5", episodes, cfg.env_id,
+                                               ref_min_score=ref_min, ref_max_score=ref_max,
+                                               action_low=low, action_high=high, tier=tier,
+                                               publish=False))
+                entry["hdf5"] = str(folder / f"{tier}.hdf5")
+            report["tiers"][tier] = entry
+        write_json(folder / "report.json", {**report, "status": "publishing",
+                                            "publishing": [cfg.dataset_id(t) for t in cfg.tiers]})
+        for tier, (minari_staging, *hdf5) in staged.items():
+            publish_minari(cfg.dataset_id(tier), minari_staging)
+            if hdf5:
+                os.replace(hdf5[0], folder / f"{tier}.hdf5")
+    finally:
+        for minari_staging, *hdf5 in staged.values():
+            shutil.rmtree(minari_staging, ignore_errors=True)
+            for path in hdf5:
+                Path(path).unlink(missing_ok=True)
     report["total_seconds"] = time.perf_counter() - t_start
+    report["machine"] = machine()
     report["status"] = "complete"
+    if cfg.results_dir:
+        write_json(Path(cfg.results_dir) / f"data_{cfg.name}.json", summary(cfg, report))
     write_json(folder / "report.json", report)
     return report
 
 
+def summary(cfg: CollectConfig, report: dict) -> dict:
+    """The short report of one environment's datasets (``benchmarks/results/data_<name>.json``)."""
+    lo, hi = cfg.d4rl_ref_min, cfg.d4rl_ref_max
+    d4rl = (lambda r: 100 * (r - lo) / (hi - lo)) if lo is not None and hi is not None else None
+    tiers = {}
+    for tier, t in report["tiers"].items():
+        tiers[tier] = {k: t[k] for k in ("episodes", "steps", "return_mean", "return_std",
+                                         "return_min", "return_max", "dataset_id")}
+        if d4rl:
+            tiers[tier]["d4rl_normalized"] = d4rl(t["return_mean"])
+    learner = {k: getattr(cfg, k) for k in ("library", "algorithm", "n_envs", "normalize",
+                                            "lr_schedule", "hyperparameters", "policy_kwargs")}
+    settings = {k: getattr(cfg, k) for k in ("seed", "steps", "checkpoints", "checkpoint_eval_episodes",
+                                             "episodes", "tier_steps", "ref_episodes",
+                                             "deterministic", "medium_fraction", "rollout_envs")}
+    return {
+        "env_id": cfg.env_id, "ref_min_score": report["ref_min_score"],
+        "ref_max_score": report["ref_max_score"], "d4rl_ref_min": lo, "d4rl_ref_max": hi,
+        "expert_d4rl_normalized": d4rl(report["ref_max_score"]) if d4rl else None,
+        "tiers": tiers, "learner": learner, "settings": settings,
+        "steps": report["trained_steps"], "train_seconds": report["train_seconds"],
+        "total_seconds": report["total_seconds"], "training_sessions": report["sessions"],
+        "medium": report["medium"], "machine": report["machine"],
+    }
+
+
 def markdown_table(reports: list[dict]) -> str:
-    """The tiers of one or more collection reports as a markdown table."""
-    lines = ["| env | tier | episodes | steps | return (mean ± std) | ref_min | ref_max |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    """The tiers of collection reports (``report.json`` or the ``data_<name>.json`` summaries) as
+    a markdown table, with each tier's mean return normalized by D4RL's references where known."""
+    lines = ["| env | tier | episodes | steps | return (mean ± std) | min | max | ref_min | ref_max "
+             "| D4RL-normalized |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in reports:
+        lo = r.get("d4rl_ref_min", r.get("config", {}).get("d4rl_ref_min"))
+        hi = r.get("d4rl_ref_max", r.get("config", {}).get("d4rl_ref_max"))
         for tier, t in r["tiers"].items():
+            d4rl = f"{100 * (t['return_mean'] - lo) / (hi - lo):.1f}" if lo is not None and hi is not None else "-"
             lines.append(f"| {r['env_id']} | {tier} | {t['episodes']} | {t['steps']} | "
-                         f"{t['return_mean']:.1f} ± {t['return_std']:.1f} | "
-                         f"{r['ref_min_score']:.1f} | {r['ref_max_score']:.1f} |")
+                         f"{t['return_mean']:.1f} ± {t['return_std']:.1f} | {t['return_min']:.1f} | "
+                         f"{t['return_max']:.1f} | {r['ref_min_score']:.1f} | {r['ref_max_score']:.1f} | "
+                         f"{d4rl} |")
     return "\n".join(lines)

@@ -106,6 +106,16 @@ class RecordingVecEnv(VecEnvWrapper):
                 self.recorder.add(i, self._actions[i], rewards[i], obs[i], False, False)
         return obs, rewards, dones, infos
 
+    def snapshot(self) -> dict:
+        """What :meth:`restore` needs to continue the recording after a restart: every episode so
+        far, the running ones cut here (the restarted learner resets its environments)."""
+        running = [p for p in (self.recorder.partial(i) for i in range(self.num_envs)) if p is not None]
+        return {"episodes": self.episodes + running, "num_steps": self.num_steps}
+
+    def restore(self, snapshot: dict) -> None:
+        self.episodes = list(snapshot["episodes"])
+        self.num_steps = int(snapshot["num_steps"])
+
     def episodes_until(self, step: int) -> list[RawEpisode]:
         """Everything seen in the first ``step`` env steps, by episode start; episodes running at
         that moment are cut there (truncated)."""

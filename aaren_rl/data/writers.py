@@ -55,23 +55,40 @@ def _episode_buffer(i: int, ep: RawEpisode):
                          rewards=ep.rewards, terminations=terminations, truncations=truncations)
 
 
-def write_minari(dataset_id: str, episodes: list[RawEpisode], env_id: str, *,
-                 ref_min_score: float, ref_max_score: float, algorithm_name: str | None = None,
-                 description: str | None = None, force: bool = False) -> Path:
-    """Create the Minari dataset ``dataset_id`` from ``episodes``; returns its folder.
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
-    An existing dataset with that id is an error unless ``force``, in which case it is replaced
-    only once the new one is complete.
-    """
+
+def clean_stale_staging(root: str | os.PathLike | None = None) -> list[Path]:
+    """Remove staging folders (``.staging-PID-*``) that a killed writer left in the Minari root:
+    those whose process is gone (and any without a process id, from older versions). Returns them."""
+    root = Path(root) if root is not None else minari_root()
+    removed = []
+    for d in root.glob(".staging-*") if root.is_dir() else ():
+        pid = d.name.split("-")[1] if d.name.count("-") >= 2 else ""
+        if pid.isdigit() and _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def stage_minari(dataset_id: str, episodes: list[RawEpisode], env_id: str, *,
+                 ref_min_score: float, ref_max_score: float, algorithm_name: str | None = None,
+                 description: str | None = None) -> Path:
+    """Build the Minari dataset ``dataset_id`` in a hidden staging folder of the Minari root (which
+    Minari does not list); returns the staging folder, for :func:`publish_minari`."""
     import minari
-    from minari.namespace import NAMESPACE_METADATA_FILENAME
 
     root = minari_root()
-    final = root / dataset_id
-    if final.exists() and not force:
-        raise FileExistsError(f"Minari dataset {dataset_id!r} already exists at {final}; "
-                              "pass force=True (--force) to replace it")
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=root))
     try:
         with _minari_root_at(staging), warnings.catch_warnings():
             # minari warns about every optional metadata field left empty (permalink, email...)
@@ -82,6 +99,19 @@ def write_minari(dataset_id: str, episodes: list[RawEpisode], env_id: str, *,
                 ref_max_score=float(ref_max_score), description=description,
                 author="aaren-rl", data_format="hdf5",
             )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+def publish_minari(dataset_id: str, staging: Path) -> Path:
+    """Move a dataset built by :func:`stage_minari` into place (replacing one with the same id)."""
+    from minari.namespace import NAMESPACE_METADATA_FILENAME
+
+    root = minari_root()
+    final = root / dataset_id
+    try:
         final.parent.mkdir(parents=True, exist_ok=True)
         # Namespace folders need their metadata file for minari to list what is inside them.
         for parent in Path(dataset_id).parents:
@@ -95,11 +125,31 @@ def write_minari(dataset_id: str, episodes: list[RawEpisode], env_id: str, *,
     return final
 
 
+def write_minari(dataset_id: str, episodes: list[RawEpisode], env_id: str, *,
+                 ref_min_score: float, ref_max_score: float, algorithm_name: str | None = None,
+                 description: str | None = None, force: bool = False) -> Path:
+    """Create the Minari dataset ``dataset_id`` from ``episodes``; returns its folder.
+
+    An existing dataset with that id is an error unless ``force``, in which case it is replaced
+    only once the new one is complete.
+    """
+    final = minari_root() / dataset_id
+    if final.exists() and not force:
+        raise FileExistsError(f"Minari dataset {dataset_id!r} already exists at {final}; "
+                              "pass force=True (--force) to replace it")
+    staging = stage_minari(dataset_id, episodes, env_id, ref_min_score=ref_min_score,
+                           ref_max_score=ref_max_score, algorithm_name=algorithm_name,
+                           description=description)
+    return publish_minari(dataset_id, staging)
+
+
 def write_hdf5(path: str | os.PathLike, episodes: list[RawEpisode], env_id: str, *,
                ref_min_score: float | None = None, ref_max_score: float | None = None,
-               action_low=None, action_high=None, **attrs) -> Path:
+               action_low=None, action_high=None, publish: bool = True, **attrs) -> Path:
     """Write ``episodes`` in D4RL's layout: flat ``observations``, ``actions``, ``rewards``,
-    ``terminals``, ``timeouts``, ``next_observations``, with the env id and references as attrs."""
+    ``terminals``, ``timeouts``, ``next_observations``, with the env id and references as attrs.
+    Observations, actions and rewards are float32 (as D4RL's), every array gzip-compressed. With
+    ``publish=False`` the file stays at ``NAME.partial`` (returned) for the caller to rename."""
     import h5py
 
     path = Path(path)
@@ -109,19 +159,27 @@ def write_hdf5(path: str | os.PathLike, episodes: list[RawEpisode], env_id: str,
     partial = path.with_name(path.name + ".partial")
     try:
         with h5py.File(partial, "w") as f:
-            f["observations"] = np.concatenate([ep.observations[:-1] for ep in episodes])
-            f["next_observations"] = np.concatenate([ep.observations[1:] for ep in episodes])
-            f["actions"] = np.concatenate([ep.actions for ep in episodes])
-            f["rewards"] = np.concatenate([ep.rewards for ep in episodes])
-            f["terminals"] = ends("terminated")
-            f["timeouts"] = ends("truncated")
+            # D4RL's dtypes (float32 observations, actions and rewards), compressed
+            put = lambda name, x: f.create_dataset(name, data=x, compression="gzip",
+                                                   compression_opts=4, shuffle=True)
+            f32 = lambda arrays: np.concatenate(arrays).astype(np.float32)
+            put("observations", f32([ep.observations[:-1] for ep in episodes]))
+            put("next_observations", f32([ep.observations[1:] for ep in episodes]))
+            actions = np.concatenate([ep.actions for ep in episodes])
+            put("actions", actions.astype(np.float32) if actions.dtype.kind == "f" else actions)
+            put("rewards", f32([ep.rewards for ep in episodes]))
+            put("terminals", ends("terminated"))
+            put("timeouts", ends("truncated"))
             f.attrs["env_id"] = env_id
             for key, value in dict(ref_min_score=ref_min_score, ref_max_score=ref_max_score,
                                    action_low=action_low, action_high=action_high, **attrs).items():
                 if value is not None:
                     f.attrs[key] = value
+        if not publish:
+            return partial
         os.replace(partial, path)
-    finally:
+    except BaseException:
         partial.unlink(missing_ok=True)
+        raise
     return path
 
