@@ -1,6 +1,7 @@
 """Print the markdown table of collection reports: ``python scripts/data_table.py benchmarks/results/data_*.json``
 (or ``data/NAME/report.json`` files), as in docs/data.md."""
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -8,6 +9,13 @@ from pathlib import Path
 from aaren_rl.data.collect import markdown_table
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit("usage: python scripts/data_table.py REPORT.json [REPORT.json ...]")
-    print(markdown_table([json.loads(Path(p).read_text()) for p in sys.argv[1:]]))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("reports", nargs="+", metavar="REPORT.json", help="collection reports (data_<env>.json or report.json)")
+    args = p.parse_args()
+    reports = []
+    for path in args.reports:
+        try:
+            reports.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            sys.exit(f"error: cannot read report {path}: {e}")
+    print(markdown_table(reports))
