@@ -82,20 +82,27 @@ def measure_group(agent: str, mode: str, R: int, dataset, device: torch.device, 
         group()
     res.first_losses = group.pop_mean_loss()[:4]
     res.setup_s = time.perf_counter() - t0
-    rates = []
-    for _ in range(rounds):
-        common.sync(device.type)
-        t = time.perf_counter()
-        for _ in range(updates):
-            group()
-        group.pop_mean_loss()
-        rates.append(updates / (time.perf_counter() - t))
+    rates = timed_rounds(group, device, updates, rounds)
     res.rounds_updates_per_s = rates
     res.group_updates_per_s = common.median(rates)
     res.aggregate_updates_per_s = R * res.group_updates_per_s
     res.state_mb = group.state_nbytes() / 2**20
     res.peak_mem_mb = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _rss_mb() - rss0
     return res
+
+
+def timed_rounds(step, device: torch.device, updates: int, rounds: int) -> list[float]:
+    """Updates/s of ``rounds`` rounds of ``updates`` calls of ``step`` (a group or a solo update
+    step); each round ends with its loss read back, so the device has finished it."""
+    rates = []
+    for _ in range(rounds):
+        common.sync(device.type)
+        t = time.perf_counter()
+        for _ in range(updates):
+            step()
+        step.pop_mean_loss()
+        rates.append(updates / (time.perf_counter() - t))
+    return rates
 
 
 def measure_solo(agent: str, mode: str, dataset, device: torch.device, updates: int, rounds: int,
@@ -117,14 +124,7 @@ def measure_solo(agent: str, mode: str, dataset, device: torch.device, updates: 
         update()
     update.pop_mean_loss()
     res.setup_s = time.perf_counter() - t0
-    rates = []
-    for _ in range(rounds):
-        common.sync(device.type)
-        t = time.perf_counter()
-        for _ in range(updates):
-            update()
-        update.pop_mean_loss()
-        rates.append(updates / (time.perf_counter() - t))
+    rates = timed_rounds(update, device, updates, rounds)
     res.rounds_updates_per_s = rates
     res.group_updates_per_s = res.aggregate_updates_per_s = common.median(rates)
     res.vs_solo = 1.0
