@@ -512,7 +512,9 @@ def _eval_job(run: Run, folder: Path, step: int) -> dict | None:
 
 
 def evaluate_job(job: dict) -> dict:
-    """One run's evaluation from its checkpoint (what ``train()``'s evaluation computes)."""
+    """One run's evaluation from its checkpoint (what ``train()``'s evaluation computes); the
+    job's ``mode`` (``StreamingPolicy``'s, default: the model's own) lets a sweep also evaluate a
+    window-trained Aaren run by window recompute."""
     torch.set_num_threads(1)
     from .checkpoint import load_checkpoint
     from .evaluate import evaluate_policy
@@ -520,9 +522,11 @@ def evaluate_job(job: dict) -> dict:
 
     model, _ = load_checkpoint(job["folder"])
     t0 = time.perf_counter()
-    res = evaluate_policy(StreamingPolicy(model, job["target_return"]), job["env_id"], job["episodes"],
+    policy = StreamingPolicy(model, job["target_return"], mode=job.get("mode"))
+    res = evaluate_policy(policy, job["env_id"], job["episodes"],
                           seed=job["seed"], ref_min_score=job["ref_min_score"], ref_max_score=job["ref_max_score"])
     res["eval_seconds"] = time.perf_counter() - t0
+    res["mode"] = policy.mode
     return res
 
 
@@ -554,25 +558,26 @@ def evaluate_many(jobs: list[dict], workers: int | None = None, progress: bool =
         bar.close()
 
 
-def record_evaluation(run: Run, result: dict, step: int, writer=None) -> dict:
-    """What ``train()`` keeps of an evaluation: TensorBoard scalars in the run folder, and
-    ``last_eval`` in the config.json of the checkpoint it evaluated (rewritten atomically)."""
+def record_evaluation(run: Run, result: dict, step: int, writer=None, key: str = "eval") -> dict:
+    """What ``train()`` keeps of an evaluation: TensorBoard scalars ``KEY/...`` in the run folder,
+    and ``last_KEY`` in the config.json of the checkpoint it evaluated (rewritten atomically).
+    ``key="eval_window"``: a sweep's second evaluation of the same checkpoint by window recompute."""
     own = writer is None
     if own:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run.logdir))
-    writer.add_scalar("eval/return_mean", result["return_mean"], step)
-    writer.add_scalar("eval/return_std", result["return_std"], step)
-    writer.add_scalar("eval/episode_length", result["length_mean"], step)
-    writer.add_scalar("eval/policy_ms_per_step", result["policy_ms_per_step"], step)
+    writer.add_scalar(f"{key}/return_mean", result["return_mean"], step)
+    writer.add_scalar(f"{key}/return_std", result["return_std"], step)
+    writer.add_scalar(f"{key}/episode_length", result["length_mean"], step)
+    writer.add_scalar(f"{key}/policy_ms_per_step", result["policy_ms_per_step"], step)
     if "normalized_score_mean" in result:
-        writer.add_scalar("eval/normalized_score", result["normalized_score_mean"], step)
+        writer.add_scalar(f"{key}/normalized_score", result["normalized_score_mean"], step)
     if own:
         writer.close()
     last = {"step": step, **{k: v for k, v in result.items() if k not in ("returns", "lengths", "folder")}}
     folder = Path(result["folder"]) if "folder" in result else resolve_checkpoint(run.logdir / "checkpoints")
-    update_checkpoint_info(folder, {"last_eval": last})
+    update_checkpoint_info(folder, {f"last_{key}": last})
     return last
 
 

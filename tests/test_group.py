@@ -160,6 +160,28 @@ def test_a_compiled_group_equals_the_eager_group():
         np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backbone,mode", [("aaren", "none"), ("transformer", "none"), ("aaren", "cudagraph")])
+def test_run_in_a_group_equals_the_run_alone_on_cuda(tmp_path, backbone, mode):
+    """The CPU test's claim on the GPU, float32 (no autocast). Dropout is off: on CUDA a solo run
+    draws its masks from the device's global generator, a group run from its own (module docstring)."""
+    a, b = uneven_dataset(0), uneven_dataset(1)
+    mc = model_config(a, backbone, "window", dropout=0.0)
+    kw = dict(device="cuda", amp=False, compile=mode)
+    runs = [Run(mc, config(0, learning_rate=1e-3, **kw), a, tmp_path / "g0"),
+            Run(mc, config(1, learning_rate=3e-4, weight_decay=0.1, grad_clip=0.05, **kw), b, tmp_path / "g1"),
+            Run(mc, config(2, learning_rate=1e-2, warmup_steps=1, **kw), a, tmp_path / "g2")]
+    train_group(runs, progress=False)
+    for r in (1, 2):
+        run = runs[r]
+        train(mc, run.config, run.dataset, tmp_path / f"solo{r}", progress=False)
+        for tag in ("train/loss", "train/grad_norm"):
+            steps_g, group = losses(run.logdir, tag)
+            steps_s, solo = losses(tmp_path / f"solo{r}", tag)
+            assert list(steps_g) == list(steps_s) == [3 * i for i in range(1, 11)]
+            np.testing.assert_allclose(group, solo, rtol=1e-4, err_msg=tag)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_a_graphed_group_equals_the_eager_group_on_cuda():
     ds = uneven_dataset(0)
@@ -226,6 +248,7 @@ seeds = [0, 1]
 updates = 4
 eval_episodes = 1
 eval_workers = 1
+window_recompute = true
 out = "{tmp_path / 'sweep'}"
 set = {json.dumps(TINY)}
 """)
@@ -235,6 +258,18 @@ set = {json.dumps(TINY)}
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert len(summary["runs"]) == 8 and all(r["status"] == "done" for r in summary["runs"])
     assert all(r["episodes"] == 1 and np.isfinite(r["normalized_score_mean"]) for r in summary["runs"])
+    # window_recompute: Aaren runs are also evaluated by window recompute, transformer runs act so anyway
+    aaren = [r for r in summary["runs"] if r["agent"] == "decision_aaren"]
+    assert all(r["mode"] == "recurrent" and r["window_mode"] == "window" for r in aaren)
+    assert all(np.isfinite(r["window_normalized_score_mean"]) for r in aaren)
+    assert all("window_mode" not in r and r["mode"] == "window" for r in summary["runs"] if r not in aaren)
+    import subprocess, sys
+    table = subprocess.run([sys.executable, "scripts/suite_table.py", str(tmp_path / "sweep" / "sweep.json"),
+                            "--json", str(tmp_path / "cells.json")], capture_output=True, text=True, check=True).stdout
+    assert "DA window-trained, window recompute" in table and "± " in table
+    cells = json.loads((tmp_path / "cells.json").read_text())["cells"]
+    assert {c["column"] for c in cells} == {"DT, window", "DA window-trained, stream", "DA window-trained, window recompute"}
+    assert all(c["seeds"] == [0, 1] and len(c["normalized"]) == 2 for c in cells)
     folder = next((tmp_path / "sweep" / "decision_transformer").glob("*tier1/s1"))
     model, info = load_checkpoint(folder)
     assert model.config.backbone == "transformer" and info["group"]["runs"] == 4

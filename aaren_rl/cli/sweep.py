@@ -23,7 +23,7 @@ from pathlib import Path
 from .presets import available, resolve_dataset, resolve_env
 
 SPEC_KEYS = {"agents", "datasets", "seeds", "env", "updates", "out", "device", "set", "max_group", "eval_episodes",
-             "eval_workers"}
+             "eval_workers", "window_recompute"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--max-group", type=int, help="most runs trained as one group (default: 64)")
     p.add_argument("--eval-workers", type=int, help="processes for evaluations (default: one per CPU core)")
+    p.add_argument("--window-recompute", action="store_true", default=None,
+                   help="also evaluate each window-trained Aaren run's final checkpoint by window recompute "
+                        "(as DT acts), beside its streaming evaluation (default: off)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (groups, runs, what is done) and stop")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -98,15 +101,22 @@ def _train_args(args, **extra) -> dict:
     return base
 
 
-def run_status(run) -> tuple[str, int]:
-    """("done" | "partial" | "new", step of its latest checkpoint)."""
+def needs_window_eval(run, spec: dict) -> bool:
+    """A window-trained Aaren run acts as a stream; ``window_recompute`` also evaluates it as DT acts."""
+    mc = run.model_config
+    return bool(spec.get("window_recompute")) and mc.backbone == "aaren" and mc.context == "window"
+
+
+def run_status(run, spec: dict | None = None) -> tuple[str, int]:
+    """("done" | "trained" | "partial" | "new", step of its latest checkpoint)."""
     ckpt = run.logdir / "checkpoints"
     if not (ckpt / "latest").is_file():
         return "new", 0
     folder = ckpt / (ckpt / "latest").read_text().strip()
     info = json.loads((folder / "config.json").read_text())
     step = int(info.get("step", 0))
-    evaluated = "last_eval" in info or not (run.config.env_id or run.dataset.env_id) or run.config.eval_episodes == 0
+    no_env = not (run.config.env_id or run.dataset.env_id) or run.config.eval_episodes == 0
+    evaluated = no_env or ("last_eval" in info and ("last_eval_window" in info or not needs_window_eval(run, spec or {})))
     if step >= run.config.updates:
         return ("done" if evaluated else "trained"), step
     return "partial", step
@@ -236,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {r.logdir: (Path(a).stem, dataset_label(d), s) for r, (a, d, s) in
             zip(runs, [(a, d, s) for a, d in pairs for s in spec["seeds"]])}
     groups = plan_groups(runs, spec["max_group"])
-    status = {r.logdir: run_status(r) for r in runs}
+    status = {r.logdir: run_status(r, spec) for r in runs}
     print(f"sweep {out}: {len(runs)} runs; done {sum(s == 'done' for s, _ in status.values())}, "
           f"partial {sum(s == 'partial' for s, _ in status.values())}; {len(groups)} group(s) to train")
     for i, (step, members) in enumerate(groups):
@@ -249,16 +259,19 @@ def run(args: argparse.Namespace) -> int:
     def write_summary():
         rows = []
         for r in runs:
-            state, step = run_status(r)
+            state, step = run_status(r, spec)
             agent, dataset, seed = meta[r.logdir]
             row = {"agent": agent, "dataset": dataset, "seed": seed, "folder": str(r.logdir), "status": state,
                    "step": step, "updates": r.config.updates}
             if state == "done" and step:
                 folder = r.logdir / "checkpoints" / (r.logdir / "checkpoints" / "latest").read_text().strip()
-                ev = json.loads((folder / "config.json").read_text()).get("last_eval")
-                if ev:
-                    row.update({k: ev.get(k) for k in ("episodes", "return_mean", "return_std", "normalized_score_mean",
-                                                       "normalized_score_std", "policy_ms_per_step", "eval_seconds")})
+                info = json.loads((folder / "config.json").read_text())
+                fields = ("episodes", "return_mean", "return_std", "normalized_score_mean", "normalized_score_std",
+                          "policy_ms_per_step", "eval_seconds", "mode")
+                if info.get("last_eval"):
+                    row.update({k: info["last_eval"].get(k) for k in fields})
+                if info.get("last_eval_window"):
+                    row.update({f"window_{k}": info["last_eval_window"].get(k) for k in fields})
             rows.append(row)
         write_json(out / "sweep.json", {"spec": {k: v for k, v in spec.items()}, "runs": rows})
 
@@ -271,16 +284,21 @@ def run(args: argparse.Namespace) -> int:
         def submit(members):
             for run_ in members:
                 for _, job in evaluation_jobs([run_], run_.config.updates):
-                    pending.append((run_, job, pool.submit(evaluate_job, job)))
+                    info = json.loads((Path(job["folder"]) / "config.json").read_text())
+                    todo = [("eval", None)] + ([("eval_window", "window")] if needs_window_eval(run_, spec) else [])
+                    for key, mode in todo:
+                        if f"last_{key}" not in info:
+                            job_ = {**job, "mode": mode}
+                            pending.append((run_, job_, key, pool.submit(evaluate_job, job_)))
 
         def collect(block: bool):
             for item in list(pending):
-                run_, job, fut = item
+                run_, job, key, fut = item
                 if block or fut.done():
-                    record_evaluation(run_, {**fut.result(), "folder": job["folder"]}, run_.config.updates)
+                    record_evaluation(run_, {**fut.result(), "folder": job["folder"]}, run_.config.updates, key=key)
                     pending.remove(item)
 
-        submit([r for r in runs if run_status(r)[0] == "trained"])  # trained earlier, never evaluated
+        submit([r for r in runs if run_status(r, spec)[0] == "trained"])  # trained earlier, never evaluated
         t0 = time.perf_counter()
         for i, (step, members) in enumerate(groups):
             print(f"group {i + 1}/{len(groups)}: training {len(members)} runs", flush=True)
@@ -294,6 +312,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"waiting for {len(pending)} evaluation(s)", flush=True)
         collect(block=True)
     write_summary()
-    done = sum(run_status(r)[0] == "done" for r in runs)
+    done = sum(run_status(r, spec)[0] == "done" for r in runs)
     print(f"sweep {out}: {done}/{len(runs)} runs done in {time.perf_counter() - t0:.0f} s; summary {out / 'sweep.json'}")
     return 0
