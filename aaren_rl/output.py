@@ -48,6 +48,5 @@ def markdown_table(header: list[str], rows: list[list], align: str | None = None
     left, the others right). Cells are turned into text with ``str`` (format numbers first)."""
     align = align or "l" + "r" * (len(header) - 1)
     rule = ["---:" if a == "r" else "---" for a in align]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    line = lambda cells: "|" + "|".join(f" {c} " if str(c) else " " for c in cells) + "|"  # an empty cell: "| |"
+    return "\n".join([line(header), "|" + "|".join(rule) + "|"] + [line([str(c) for c in row]) for row in rows])

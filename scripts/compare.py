@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from aaren_rl.cli import main as cli
-from aaren_rl.output import write_json
+from aaren_rl.output import markdown_table, write_json
 from aaren_rl.cli.demo import EVAL_SEED, demo_settings, evaluate_run
 from aaren_rl.cli.presets import load_preset, resolve_dataset, resolve_env
 from aaren_rl.data import load_dataset
@@ -36,9 +36,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--agents", nargs="+", default=["decision_aaren", "decision_transformer"],
                    help="agent presets (default: decision_aaren decision_transformer)")
-    p.add_argument("--datasets", nargs="+", required=True, help="dataset sources, as `aaren-rl train` takes them")
-    p.add_argument("--env", required=True, help="env preset (its first target return; references where "
-                                                "the dataset has none)")
+    p.add_argument("--datasets", nargs="+", help="dataset sources, as `aaren-rl train` takes them (required)")
+    p.add_argument("--env", help="env preset (its first target return; references where the dataset has none) "
+                                 "(required)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (default: 0)")
     p.add_argument("--updates", type=int, default=20_000, help="updates per run (default: 20000)")
     p.add_argument("--eval-episodes", type=int, default=10, help="evaluation episodes per run (default: 10)")
@@ -49,7 +49,26 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
     p.add_argument("--set", nargs="+", default=[], help="preset overrides for every agent (SECTION.KEY=VALUE), "
                                                         "after --demo-settings (default: none)")
-    return p.parse_args(argv)
+    p.add_argument("--table-from", metavar="COMPARE.json", default=None,
+                   help="print the table of a saved compare.json and stop (default: train and evaluate)")
+    args = p.parse_args(argv)
+    if not args.table_from and not (args.datasets and args.env):
+        p.error("--datasets and --env are required (unless --table-from)")
+    return args
+
+
+def table(rows: list[dict]) -> str:
+    """One row per (dataset, agent) in the order first seen: the mean ± std over seeds."""
+    out = []
+    for dataset, agent in dict.fromkeys((r["dataset"], r["agent"]) for r in rows):
+        rs = [r for r in rows if r["dataset"] == dataset and r["agent"] == agent]
+        sc = np.array([r["normalized_score_mean"] for r in rs])
+        out.append([dataset, agent, f"{sc.mean():.1f} ± {sc.std():.1f} (n={len(rs)})",
+                    f"{np.mean([r['return_mean'] for r in rs]):.0f}",
+                    f"{np.mean([r['policy_ms_per_step'] for r in rs]):.2f}",
+                    f"{np.mean([r['train_seconds'] for r in rs]):.0f}"])
+    header = ["dataset", "agent", "normalized score (mean ± std over seeds)", "return", "policy ms/step", "train s"]
+    return markdown_table(header, out, "l" * 6)
 
 
 def agent_overrides(agent: str, args) -> list[str]:
@@ -74,6 +93,14 @@ def machine() -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.table_from:
+        import json
+
+        try:
+            print(table(json.loads(Path(args.table_from).read_text())["rows"]))
+        except (OSError, ValueError, KeyError) as e:
+            sys.exit(f"error: cannot read {args.table_from}: {e}")
+        return 0
     env = resolve_env(args.env)
     target = float(env["target_returns"][0])
     out = Path(args.out)
@@ -103,19 +130,10 @@ def main(argv=None) -> int:
                 print(f"{row['dataset']:>20} {agent:>28} seed {seed}: score {row['normalized_score_mean']:.1f} "
                       f"(return {row['return_mean']:.0f}), {row['policy_ms_per_step']:.2f} ms/step, train {train_s:.0f} s",
                       flush=True)
-    lines = ["| dataset | agent | normalized score (mean ± std over seeds) | return | policy ms/step | train s |",
-             "|---|---|---|---|---|---|"]
-    for source in args.datasets:
-        for agent in args.agents:
-            rs = [r for r in rows if r["dataset"] == Path(source).stem and r["agent"] == agent]
-            sc = np.array([r["normalized_score_mean"] for r in rs])
-            lines.append(f"| {Path(source).stem} | {agent} | {sc.mean():.1f} ± {sc.std():.1f} (n={len(rs)}) | "
-                         f"{np.mean([r['return_mean'] for r in rs]):.0f} | "
-                         f"{np.mean([r['policy_ms_per_step'] for r in rs]):.2f} | {np.mean([r['train_seconds'] for r in rs]):.0f} |")
-    table = "\n".join(lines)
-    print("\n" + table)
+    text = table(rows)
+    print("\n" + text)
     write_json(out / "compare.json", {**meta, "rows": rows})
-    (out / "compare.md").write_text(table + "\n")
+    (out / "compare.md").write_text(text + "\n")
     return 0
 
 

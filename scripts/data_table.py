@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from aaren_rl.data.collect import markdown_table
+from aaren_rl.data.collect import tiers_table
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -18,4 +18,4 @@ if __name__ == "__main__":
             reports.append(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as e:
             sys.exit(f"error: cannot read report {path}: {e}")
-    print(markdown_table(reports))
+    print(tiers_table(reports))

@@ -21,14 +21,16 @@ the process's peak RSS growth (an upper bound).
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import time
 import traceback
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from ..output import cell, write_json
+from ..output import cell, markdown_table, write_json
 from . import common
 
 AGENTS = {  # name: model overrides, batch size
@@ -36,7 +38,6 @@ AGENTS = {  # name: model overrides, batch size
     "decision_transformer/window": (dict(backbone="transformer", context="window", context_len=20), 64),
     "decision_aaren/episode": (dict(backbone="aaren", context="episode"), 16),
 }
-TARGET_AGGREGATE = 20_000.0  # run-updates/s on one H200, window agents at DT's size
 
 
 def _rss_mb() -> float:
@@ -129,6 +130,66 @@ def measure_solo(agent: str, mode: str, dataset, device: torch.device, updates: 
     res.group_updates_per_s = res.aggregate_updates_per_s = common.median(rates)
     res.vs_solo = 1.0
     return res
+
+
+def _kernel_part(name: str) -> str:
+    n = name.lower()
+    if "bernoulli" in n:
+        return "dropout masks"
+    if any(k in n for k in ("gemm", "cutlass", "sm90_", "cublas", "xmma", "bmm", "nvjet")):
+        return "matrix products"
+    if n.startswith("triton_"):
+        return "compiled fused"
+    if any(k in n for k in ("index", "gather", "scatter", "randint", "random", "distribution")):
+        return "sampling / indexing"
+    if "reduce" in n or "norm" in n:
+        return "reductions"
+    return "other elementwise"
+
+
+def profile_group(agent: str, R: int, dataset, device: torch.device, updates: int = 10,
+                  mode: str = "torch.compile", batch: int | None = None, model: dict | None = None) -> dict:
+    """Kernel time per group update (``torch.profiler``), grouped by part: where a group's time goes.
+    ``mode`` has no CUDA graph, so the profiler sees every kernel; a graph replays the same ones."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ..group import Run, RunGroup
+    from ..train import TrainConfig, model_config_for
+
+    overrides, default_batch = AGENTS[agent]
+    batch = batch or default_batch
+    mc = model_config_for(dataset, **{**overrides, **(model or {})})
+    group = RunGroup([Run(mc, TrainConfig(batch_size=batch, seed=s, compile=mode, device=str(device)), dataset,
+                          f"r{s}") for s in range(R)], device, mode=mode, amp=device.type == "cuda")
+    for _ in range(5):
+        group()
+    group.pop_mean_loss()
+    common.sync(device.type)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(updates):
+            group()
+        group.pop_mean_loss()
+    parts, kernels, launches = {}, {}, 0
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", 0) or 0
+        if us and e.device_type == torch.autograd.DeviceType.CUDA:
+            ms = us / updates / 1e3
+            part = _kernel_part(e.key)
+            parts[part] = parts.get(part, 0.0) + ms
+            kernels[e.key[:90]] = kernels.get(e.key[:90], 0.0) + ms
+            launches += e.count
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:15])
+    return dict(agent=agent, runs=R, mode=mode, kernel_ms_per_update=sum(parts.values()), parts=parts,
+                kernel_launches_per_update=launches / updates, top_kernels=top)
+
+
+def table_profile(rows: list[dict]) -> str:
+    parts = sorted({k for r in rows for k in r["parts"]})
+    header = ["agent", "runs", "mode", "kernel ms / update", "launches / update"] + [f"{p} ms" for p in parts]
+    return markdown_table(header, [[r["agent"], r["runs"], r["mode"], f"{r['kernel_ms_per_update']:.2f}",
+                                    f"{r['kernel_launches_per_update']:.0f}"]
+                                   + [cell(r["parts"].get(p), nd=2) for p in parts] for r in rows], "llr" + "r" * (len(header) - 3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,11 +285,9 @@ def measure_evaluation(n_runs: int, episodes: int, workers: list[int], env_id: s
 
 
 def table_evaluation(rows: list[dict]) -> str:
-    lines = ["| env | runs | episodes per run | processes | wall s | runs per minute |", "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['env_id']} | {r['runs']} | {r['episodes_per_run']} | {r['workers']} | {r['wall_s']:.1f} | "
-                     f"{60 * r['runs'] / r['wall_s']:.1f} |")
-    return "\n".join(lines)
+    header = ["env", "runs", "episodes per run", "processes", "wall s", "runs per minute"]
+    return markdown_table(header, [[r["env_id"], r["runs"], r["episodes_per_run"], r["workers"], f"{r['wall_s']:.1f}",
+                                    f"{60 * r['runs'] / r['wall_s']:.1f}"] for r in rows])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,25 +295,49 @@ def table_evaluation(rows: list[dict]) -> str:
 
 
 def table_groups(rows: list[dict]) -> str:
-    lines = ["| agent | mode | runs per group | group updates/s | aggregate run-updates/s | vs one run | "
-             f"vs {TARGET_AGGREGATE:.0f}/s | setup s | state MB | peak MB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    header = ["agent", "mode", "runs per group", "group updates/s", "aggregate run-updates/s", "vs one run", "setup s",
+              "state MB", "peak MB"]
+    out = []
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['agent']} | {r['mode']} | {r['runs_per_group']} | {r['status'][:60]} | | | | | | |")
+            out.append([r["agent"], r["mode"], r["runs_per_group"], r["status"][:60]] + [""] * 5)
             continue
-        lines.append(f"| {r['agent']} | {r['mode']} | {r['runs_per_group']} | {r['group_updates_per_s']:.1f} | "
-                     f"{r['aggregate_updates_per_s']:.1f} | {cell(r['vs_solo'], 'x', 1)} | "
-                     f"{r['aggregate_updates_per_s'] / TARGET_AGGREGATE:.3f} | {cell(r['setup_s'], nd=1)} | "
-                     f"{cell(r['state_mb'], nd=1)} | {cell(r['peak_mem_mb'], nd=0)} |")
-    return "\n".join(lines)
+        out.append([r["agent"], r["mode"], r["runs_per_group"], f"{r['group_updates_per_s']:.1f}",
+                    f"{r['aggregate_updates_per_s']:.1f}", cell(r["vs_solo"], "x", 1), cell(r["setup_s"], nd=1),
+                    cell(r["state_mb"], nd=1), cell(r["peak_mem_mb"], nd=0)])
+    return markdown_table(header, out, "ll" + "r" * 7)
 
 
 def table_formulation(rows: list[dict]) -> str:
-    lines = ["| formulation | runs | tokens per run | ms per fwd+bwd (median) |", "|---|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['formulation']} | {r['runs']} | {r['tokens_per_run']} | {r['ms_median']:.1f} |")
-    return "\n".join(lines)
+    header = ["formulation", "runs", "tokens per run", "ms per fwd+bwd (median)"]
+    return markdown_table(header, [[r["formulation"], r["runs"], r["tokens_per_run"], f"{r['ms_median']:.1f}"]
+                                   for r in rows])
+
+
+def print_tables(res: dict) -> None:
+    """The tables of a result (a fresh run's, or a saved JSON's with --table-from)."""
+    info, size = res["machine"], res["model"]
+    label = info.get("gpu") or f"{info['cpu']}, {info['cpu_count']} cores, {info['torch_threads']} threads"
+    print(f"\nmany runs as one group, {label} (torch {info['torch']}), model {size}:\n")
+    print(table_groups(res["groups"]))
+    ok = [r for r in res["groups"] if r["status"] == "ok" and "(solo)" not in r["agent"]]
+    if ok:
+        best = max(ok, key=lambda r: r["aggregate_updates_per_s"])
+        print(f"\nbest: {best['aggregate_updates_per_s']:.0f} aggregate run-updates/s ({best['agent']}, {best['mode']}, "
+              f"{best['runs_per_group']} runs)")
+    if res.get("profiles"):
+        print("\nwhere a group update's kernel time goes (torch.profiler):\n")
+        print(table_profile(res["profiles"]))
+        for r in res["profiles"]:
+            print(f"\n{r['agent']} x{r['runs']}, largest kernels (ms per update):")
+            for k, v in r["top_kernels"].items():
+                print(f"  {v:8.3f}  {k}")
+    if res.get("formulation"):
+        print("\nvmap vs batched matrix products (3 MLP blocks, width 128, fwd+bwd):\n")
+        print(table_formulation(res["formulation"]))
+    if res.get("evaluation"):
+        print("\nfinal evaluation of many runs, spread over processes:\n")
+        print(table_evaluation(res["evaluation"]))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -277,13 +360,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-runs", type=int, default=0,
                    help="also time the final evaluation of this many runs (Pendulum-v1; default 0: skip)")
     p.add_argument("--eval-episodes", type=int, default=20, help="episodes per run in that evaluation (default 20)")
+    p.add_argument("--profile-runs", type=int, nargs="*", default=[],
+                   help="also profile a group of each of these sizes (torch.compile, no graph): kernel time per "
+                        "update by part (default: none)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--budget-s", type=float, default=None, help="skip what is left after this many seconds")
     p.add_argument("--json", default=None, help="result file (default: benchmarks/results/sweep_MACHINE.json)")
+    p.add_argument("--table-from", default=None, metavar="JSON",
+                   help="print the tables of a saved result file and stop (default: measure)")
 
 
 def run(args: argparse.Namespace) -> int:
     from .train import synthetic_dataset
+
+    if args.table_from:
+        try:
+            print_tables(json.loads(Path(args.table_from).read_text()))
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"error: cannot read bench sweep result {args.table_from}: {e}") from None
+        return 0
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -299,7 +394,7 @@ def run(args: argparse.Namespace) -> int:
     path = args.json or common.RESULTS_DIR / f"sweep_{common.machine_slug(info)}.json"
     t_start = time.perf_counter()
     dataset = synthetic_dataset(200 if cuda else 50, 1000).to(device)
-    groups, formulation, evaluation = [], [], []
+    groups, formulation, evaluation, profiles = [], [], [], []
     model_kw = {k: v for k, v in (("embed_dim", args.embed_dim), ("n_layer", args.n_layer)) if v is not None}
     size = {**dict(n_layer=3, embed_dim=128, n_head=1, dropout=0.1, obs_dim=17, act_dim=6), **model_kw}
     if args.batch:
@@ -312,8 +407,8 @@ def run(args: argparse.Namespace) -> int:
                     "sync per round); vs_solo: over one run through train.UpdateStep in the same mode; memory: "
                     "CUDA max_memory_allocated minus before, CPU peak RSS growth (upper bound) and the group's "
                     "weights + grads + AdamW moments (state_mb)"),
-            target_aggregate_updates_per_s=TARGET_AGGREGATE, groups=groups, formulation=formulation,
-            evaluation=evaluation))
+            groups=groups, formulation=formulation,
+            evaluation=evaluation, profiles=profiles))
 
     for agent in agents if runs else []:
         for mode in modes:
@@ -343,6 +438,16 @@ def run(args: argparse.Namespace) -> int:
                     print(f"{agent} {mode} R={R}: {r.aggregate_updates_per_s:.1f} run-updates/s "
                           f"({cell(r.vs_solo, 'x', 1)} one run)", flush=True)
                 save()
+    for R in args.profile_runs:
+        for agent in agents:
+            try:
+                profiles.append(profile_group(agent, R, dataset, device, mode="torch.compile" if cuda else "none",
+                                              batch=args.batch, model=model_kw))
+                print(f"profile {agent} R={R}: {profiles[-1]['kernel_ms_per_update']:.2f} kernel ms per update",
+                      flush=True)
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
+        save()
     if args.formulation_runs:
         formulation.extend(measure_formulation(args.formulation_runs, device, tokens=args.formulation_tokens))
     if args.eval_runs:
@@ -350,14 +455,6 @@ def run(args: argparse.Namespace) -> int:
 
         evaluation.extend(measure_evaluation(args.eval_runs, args.eval_episodes, sorted({1, os.cpu_count() or 1})))
     save()
-    label = info.get("gpu") if cuda else f"{info['cpu']}, {info['cpu_count']} cores, {info['torch_threads']} threads"
-    print(f"\nmany runs as one group, {label} (torch {info['torch']}), model {size}:\n")
-    print(table_groups(groups))
-    if formulation:
-        print("\nvmap vs batched matrix products (3 MLP blocks, width 128, fwd+bwd):\n")
-        print(table_formulation(formulation))
-    if evaluation:
-        print("\nfinal evaluation of many runs, spread over processes:\n")
-        print(table_evaluation(evaluation))
+    print_tables(json.loads(Path(path).read_text()))
     print(f"\nwrote {path}")
     return 0

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     import gymnasium as gym
     import torch
 
-    from aaren_rl.data.collect import CollectError, collect, markdown_table
+    from aaren_rl.data.collect import CollectError, collect, tiers_table
 
     torch.set_num_threads(args.threads)
     names = SUITES[args.suite] if args.suite else args.env
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
                   f"return {t['return_mean']:9.1f} ± {t['return_std']:7.1f}  {t['dataset_id']}")
         summary.append({"env_id": cfg.env_id, "report": str(cfg.folder / "report.json")})
     if summary:
-        print("\n" + markdown_table([json.loads(Path(r["report"]).read_text()) for r in summary]))
+        print("\n" + tiers_table([json.loads(Path(r["report"]).read_text()) for r in summary]))
     if failed:
         print(f"error: collection failed for {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

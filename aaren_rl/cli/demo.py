@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from aaren_rl.plots import plot_runs
     from aaren_rl.train import TrainConfig, default_target_return, model_config_for, train
 
-    from ..output import write_json
+    from ..output import markdown_table, write_json
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -133,16 +133,16 @@ def run(args: argparse.Namespace) -> int:
         results[label].update({k: v for k, v in res.items() if k not in ("returns", "lengths")})
 
     # 4. report
-    lines = ["| | return | normalized score | policy ms/step | train s |", "|---|---|---|---|---|"]
+    rows = []
     for tier in dict.fromkeys(tiers):  # each tier once, in order
         ds = dataset if tier == args.tier else load_dataset(env["datasets"][tier])
         score = ds.normalized_score(ds.return_mean)
-        lines.append(f"| dataset: {tier} | {ds.return_mean:.1f} ± {ds.return_std:.1f} | {score:.1f} | | |")
+        rows.append([f"dataset: {tier}", f"{ds.return_mean:.1f} ± {ds.return_std:.1f}", f"{score:.1f}", "", ""])
     for label, r in results.items():
-        lines.append(f"| **{label}** ({r['mode']}) | {r['return_mean']:.1f} ± {r['return_std']:.1f} | "
-                     f"{r['normalized_score_mean']:.1f} ± {r['normalized_score_std']:.1f} | "
-                     f"{r['policy_ms_per_step']:.2f} | {r['train_seconds']:.0f} |")
-    table = "\n".join(lines)
+        rows.append([f"**{label}** ({r['mode']})", f"{r['return_mean']:.1f} ± {r['return_std']:.1f}",
+                     f"{r['normalized_score_mean']:.1f} ± {r['normalized_score_std']:.1f}",
+                     f"{r['policy_ms_per_step']:.2f}", f"{r['train_seconds']:.0f}"])
+    table = markdown_table(["", "return", "normalized score", "policy ms/step", "train s"], rows, "lllll")
     png = plot_runs(runs, out / "curves.png", title=f"{env['env_id']}, {args.tier} data")
     summary = {"env_id": env["env_id"], "tier": args.tier, "target_return": target, "updates": args.updates,
                "results": results, "data_seconds": t_data, "total_seconds": time.perf_counter() - t_start}

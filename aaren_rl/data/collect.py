@@ -611,19 +611,20 @@ def summary(cfg: CollectConfig, report: dict) -> dict:
     }
 
 
-def markdown_table(reports: list[dict]) -> str:
+def tiers_table(reports: list[dict]) -> str:
     """The tiers of collection reports (``report.json`` or the ``data_<name>.json`` summaries) as
     a markdown table, with each tier's mean return normalized by D4RL's references where known."""
-    lines = ["| env | tier | episodes | steps | return (mean ± std) | min | max | ref_min | ref_max "
-             "| D4RL-normalized |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    from ..output import markdown_table
+
+    rows = []
     for r in reports:
         lo = r.get("d4rl_ref_min", r.get("config", {}).get("d4rl_ref_min"))
         hi = r.get("d4rl_ref_max", r.get("config", {}).get("d4rl_ref_max"))
         for tier, t in r["tiers"].items():
             d4rl = f"{100 * (t['return_mean'] - lo) / (hi - lo):.1f}" if lo is not None and hi is not None else "-"
-            lines.append(f"| {r['env_id']} | {tier} | {t['episodes']} | {t['steps']} | "
-                         f"{t['return_mean']:.1f} ± {t['return_std']:.1f} | {t['return_min']:.1f} | "
-                         f"{t['return_max']:.1f} | {r['ref_min_score']:.1f} | {r['ref_max_score']:.1f} | "
-                         f"{d4rl} |")
-    return "\n".join(lines)
+            rows.append([r["env_id"], tier, t["episodes"], t["steps"], f"{t['return_mean']:.1f} ± {t['return_std']:.1f}",
+                         f"{t['return_min']:.1f}", f"{t['return_max']:.1f}", f"{r['ref_min_score']:.1f}",
+                         f"{r['ref_max_score']:.1f}", d4rl])
+    header = ["env", "tier", "episodes", "steps", "return (mean ± std)", "min", "max", "ref_min", "ref_max",
+              "D4RL-normalized"]
+    return markdown_table(header, rows, "ll" + "r" * 8)
