@@ -16,10 +16,10 @@ memory (which may be the given one, updated in place). An exported step (a graph
 values and the state as inputs, the output and the new state as outputs) fits the same shape.
 
 Backends:
-- ``TorchStep``: the model itself (``DecisionModel.step``, or the window recompute), any
-  backbone, any device. An Aaren backbone's memory is an ``AarenMemory`` of NumPy arrays, the
-  same as the compiled step's; a Transformer's is its list of key/value caches; window mode's is
-  the last K timesteps.
+- ``TorchStep``: the model itself (``DecisionModel.act``, or ``act_window``: the window
+  recompute), any backbone, any device. An Aaren backbone's memory is an ``AarenMemory`` of
+  NumPy arrays, the same as the compiled step's; a Transformer's is its list of key/value caches
+  (growing, or sliding windows of constant size); window mode's is the last K timesteps.
 - ``CompiledStep``: the compiled C step (``kernels/cpu_step``) for an Aaren model, float32 on the
   CPU: the model exports its weights once (``export_step_weights``) and they are packed again
   whenever a parameter or buffer changed in place since (an optimizer step, ``load_state_dict``).
@@ -32,7 +32,7 @@ import operator
 import numpy as np
 import torch
 
-from .model import A, R, S, DecisionModel
+from .model import DecisionModel, sliding_window
 from .policy import AarenMemory
 
 BACKENDS = ("auto", "compiled", "torch")
@@ -87,28 +87,20 @@ class TorchStep:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.aaren = c.backbone == "aaren" and mode == "recurrent"
-        # a Transformer trained on K-step windows keeps only that much cache when streaming
-        self.max_cache_tokens = 3 * c.context_len if (c.backbone == "transformer" and c.context == "window") else None
+        self.window = sliding_window(c, mode)
 
     def _tensor(self, x, dtype=None):
         return torch.as_tensor(x, device=self.device, dtype=dtype or self.dtype)
 
     def init_memory(self, n: int):
         m = self.model
+        if self.mode == "window":
+            return m.init_window(n)
         if self.aaren:  # the blocks' own empty states, stacked (L, n, H[, Dh]) into NumPy
             states = m.init_state(n)
             return AarenMemory(*(np.ascontiguousarray(torch.stack([getattr(s, k) for s in states]).cpu().numpy())
                                  for k in ("m", "u", "w")))
-        if self.mode == "recurrent":
-            return m.init_state(n)
-        c, K, dev = m.config, m.config.context_len, self.device
-        return {
-            "returns_to_go": torch.zeros(n, K, device=dev),
-            "observations": torch.zeros(n, K, c.observation_dim, device=dev),
-            "actions": torch.zeros(n, K, dtype=torch.long, device=dev) if c.discrete else torch.zeros(n, K, c.action_dim, device=dev),
-            "timesteps": torch.zeros(n, K, dtype=torch.long, device=dev),
-            "padding_mask": torch.ones(n, K, dtype=torch.bool, device=dev),
-        }
+        return m.init_state(n, window=self.window)
 
     def memory_nbytes(self, memory) -> int:
         if isinstance(memory, AarenMemory):
@@ -120,57 +112,21 @@ class TorchStep:
     @torch.no_grad()
     def step(self, obs, prev_action, returns_to_go, timestep, start, memory):
         m = self.model
-        prev = self._tensor(prev_action, torch.long if m.config.discrete else None)
-        rtg, t = self._tensor(returns_to_go), self._tensor(timestep, torch.long)
-        starts = self._tensor(start, torch.bool)
-        obs = m.normalize_obs(self._tensor(obs))
+        args = (self._tensor(obs), self._tensor(prev_action, torch.long if m.config.discrete else None),
+                self._tensor(returns_to_go), self._tensor(timestep, torch.long), self._tensor(start, torch.bool))
         if self.mode == "window":
-            out, memory = self._step_window(obs, prev, rtg, t, starts, memory)
-        else:
-            out, memory = self._step_recurrent(obs, prev, rtg, t, starts, memory)
-        return out.to("cpu", torch.float32).numpy(), memory
-
-    def _step_recurrent(self, obs, prev, rtg, t, starts, memory):
-        m = self.model
-        if self.aaren:
+            out, memory = m.act_window(*args, memory)
+        elif self.aaren:
             from .layer import AarenState
 
             states = [AarenState(*(self._tensor(getattr(memory, k)[i]) for k in ("m", "u", "w")))
                       for i in range(memory.m.shape[0])]
-        else:
-            states = memory
-        states = m.backbone.reset_state(states, starts)
-        tokens = torch.stack([
-            m.embed(A, prev, (t - 1).clamp(min=0)),
-            m.embed(R, rtg, t),
-            m.embed(S, obs, t),
-        ], dim=1)  # (n, 3, E): a_{t-1}, R_t, s_t
-        pad = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=self.device)
-        pad[:, 0] = starts  # at t = 0 there is no previous action
-        h, states = m.step(tokens, states, padding_mask=pad)
-        if self.aaren:
+            out, states = m.act(*args, states)
             for k in ("m", "u", "w"):
                 getattr(memory, k)[...] = torch.stack([getattr(s, k) for s in states]).cpu().numpy()
         else:
-            memory = states if self.max_cache_tokens is None else [s.trim(self.max_cache_tokens) for s in states]
-        return m.action_output(h[:, 2]), memory
-
-    def _step_window(self, obs, prev, rtg, t, starts, w):
-        # a_{t-1} into the slot of the last timestep (a placeholder until now); a row that
-        # begins an episode drops its whole window; then drop the oldest timestep and append
-        # R_t, s_t (a_t is unknown yet; causality hides its placeholder)
-        actions = w["actions"].clone()
-        actions[:, -1] = prev
-        w = {
-            "returns_to_go": torch.cat([w["returns_to_go"][:, 1:], rtg[:, None]], 1),
-            "observations": torch.cat([w["observations"][:, 1:], obs[:, None]], 1),
-            "actions": torch.cat([actions[:, 1:], torch.zeros_like(actions[:, :1])], 1),
-            "timesteps": torch.cat([w["timesteps"][:, 1:], t[:, None]], 1),
-            "padding_mask": torch.cat([(w["padding_mask"] | starts[:, None])[:, 1:],
-                                       torch.zeros_like(w["padding_mask"][:, :1])], 1),
-        }
-        pred = self.model(w["returns_to_go"], w["observations"], w["actions"], w["timesteps"], w["padding_mask"])
-        return pred[:, -1], w
+            out, memory = m.act(*args, memory)
+        return out.to("cpu", torch.float32).numpy(), memory
 
 
 # ----------------------------------------------------------------------------------------------

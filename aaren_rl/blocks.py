@@ -7,7 +7,7 @@ a Transformer block's state is a key/value cache that grows with every token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -33,15 +33,28 @@ class MLP(nn.Module):
 
 @dataclass
 class KVCache:
-    """Keys and values of every token seen, (batch, heads, seq, head_dim), and which are valid.
+    """Keys and values of the tokens seen, (batch, heads, seq, head_dim), and which are valid.
 
     ``valid`` (batch, seq) is False for entries dropped by ``reset`` (a row that began a new
-    episode keeps its slots but no longer attends to them). It grows by one entry per token.
+    episode keeps its slots but no longer attends to them). Without a ``window`` it grows by one
+    entry per token. With one (a sliding window, in tokens) each token attends to itself and the
+    ``window - 1`` tokens before it, and the cache keeps exactly ``window - 1`` entries (invalid
+    ones until that many tokens were seen): a constant size.
     """
 
     k: Tensor
     v: Tensor
     valid: Tensor
+    window: int | None = None
+
+    @classmethod
+    def empty(cls, batch_size: int, num_heads: int, head_dim: int, window: int | None = None, device=None,
+              dtype=None) -> "KVCache":
+        if window is not None and window < 1:
+            raise ValueError(f"window must be a positive number of tokens, got {window}")
+        slots = 0 if window is None else window - 1
+        k = torch.zeros(batch_size, num_heads, slots, head_dim, device=device, dtype=dtype)
+        return cls(k, k.clone(), torch.zeros(batch_size, slots, dtype=torch.bool, device=device), window)
 
     @property
     def batch_size(self) -> int:
@@ -49,13 +62,7 @@ class KVCache:
 
     def reset(self, rows: Tensor) -> "KVCache":
         rows = _check_rows(rows, self.batch_size, self.k.device)
-        return KVCache(self.k, self.v, self.valid & ~rows.unsqueeze(-1))
-
-    def trim(self, max_tokens: int) -> "KVCache":
-        """Keep only the last ``max_tokens`` entries (a sliding window)."""
-        if self.k.shape[2] <= max_tokens:
-            return self
-        return KVCache(self.k[:, :, -max_tokens:], self.v[:, :, -max_tokens:], self.valid[:, -max_tokens:])
+        return replace(self, valid=self.valid & ~rows.unsqueeze(-1))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.valid))
@@ -87,21 +94,19 @@ class CausalSelfAttention(nn.Module):
         if padding_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
-            T = x.shape[1]
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            # a query may always see itself, so that a padded query has no empty row (NaN)
-            allowed = (causal & ~padding_mask[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=x.device)
+            pos = torch.arange(x.shape[1], device=x.device)
+            allowed = _allowed(pos, pos, padding_mask, None)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
         return self._merge(y)
 
-    def init_state(self, batch_size: int, device=None, dtype=None) -> KVCache:
+    def init_state(self, batch_size: int, device=None, dtype=None, window: int | None = None) -> KVCache:
+        """An empty cache; ``window`` (tokens): a sliding window of constant size (``KVCache``)."""
         p = self.qkv.weight
-        device, dtype = device or p.device, dtype or p.dtype
-        empty = torch.zeros(batch_size, self.num_heads, 0, self.head_dim, device=device, dtype=dtype)
-        return KVCache(empty, empty.clone(), torch.zeros(batch_size, 0, dtype=torch.bool, device=device))
+        return KVCache.empty(batch_size, self.num_heads, self.head_dim, window, device or p.device, dtype or p.dtype)
 
     def step(self, x: Tensor, cache: KVCache, padding_mask: Tensor | None = None) -> tuple[Tensor, KVCache]:
-        """x (B, t, E): append the t new keys/values and attend causally over the whole cache.
+        """x (B, t, E): append the t new keys/values and attend causally over the cache (within its
+        window, if it has one); a windowed cache then drops its oldest entries.
 
         Padding tokens (``padding_mask`` True) are stored as invalid: no later token attends to them.
         """
@@ -111,12 +116,26 @@ class CausalSelfAttention(nn.Module):
         v = torch.cat([cache.v, v], dim=2)
         new_valid = torch.ones(x.shape[0], t, dtype=torch.bool, device=x.device) if padding_mask is None else ~padding_mask
         valid = torch.cat([cache.valid, new_valid], dim=1)
-        T = k.shape[2]
-        causal = torch.ones(t, T, dtype=torch.bool, device=x.device).tril(diagonal=T - t)
-        itself = F.pad(torch.eye(t, dtype=torch.bool, device=x.device), (T - t, 0))  # (t, T): no empty row
-        allowed = (causal & valid[:, None, None, :]) | itself  # (B, 1, t, T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        return self._merge(y), KVCache(k, v, valid)
+        key_pos = torch.arange(k.shape[2], device=x.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(key_pos[-t:], key_pos, ~valid, cache.window))
+        if cache.window is not None:
+            keep = cache.window - 1
+            k, v, valid = k[:, :, k.shape[2] - keep:], v[:, :, k.shape[2] - keep:], valid[:, valid.shape[1] - keep:]
+        return self._merge(y), KVCache(k, v, valid, cache.window)
+
+
+def _allowed(query_pos: Tensor, key_pos: Tensor, padding_mask: Tensor | None, window: int | None) -> Tensor:
+    """Which keys each query attends to, (B or 1, 1, t, T): the keys at or before it (within
+    ``window`` tokens of it) that are not padding, and always itself, so that a padded query has
+    no empty row (NaN). Positions are compared, not masks cut from a square: the same code serves
+    the parallel form, the cache and the ONNX graph (where the sizes are not known in advance)."""
+    before = key_pos <= query_pos[:, None]  # (t, T)
+    if window is not None:
+        before = before & (key_pos > query_pos[:, None] - window)
+    itself = key_pos == query_pos[:, None]
+    if padding_mask is None:
+        return before | itself
+    return (before & ~padding_mask[:, None, None, :]) | itself
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,8 +157,8 @@ class Block(nn.Module):
         x = x + self.dropout(self.mixer(self.ln_1(x), padding_mask=padding_mask))
         return x + self.mlp(self.ln_2(x))
 
-    def init_state(self, batch_size: int, device=None, dtype=None):
-        return self.mixer.init_state(batch_size, device=device, dtype=dtype)
+    def init_state(self, batch_size: int, device=None, dtype=None, **kwargs):
+        return self.mixer.init_state(batch_size, device=device, dtype=dtype, **kwargs)
 
     def step(self, x: Tensor, state, padding_mask: Tensor | None = None):
         """x (B, t, E): the chunk's outputs and the new state (padding tokens leave it unchanged)."""
@@ -195,8 +214,15 @@ class Backbone(nn.Module):
             x = block(x, padding_mask)
         return self.ln_f(x)
 
-    def init_state(self, batch_size: int, device=None, dtype=None) -> list:
-        return [b.init_state(batch_size, device=device, dtype=dtype) for b in self.blocks]
+    def init_state(self, batch_size: int, device=None, dtype=None, window: int | None = None) -> list:
+        """One empty state per layer. ``window`` (Transformer only): sliding key/value caches in
+        which each token attends to the last ``window`` tokens (itself included), of constant size."""
+        if window is None:
+            return [b.init_state(batch_size, device=device, dtype=dtype) for b in self.blocks]
+        if self.kind != "transformer":
+            raise ValueError(f"a sliding window is a Transformer's cache; the {self.kind!r} backbone's state "
+                             f"has a constant size already")
+        return [b.init_state(batch_size, device=device, dtype=dtype, window=window) for b in self.blocks]
 
     def step(self, x: Tensor, state: list, padding_mask: Tensor | None = None) -> tuple[Tensor, list]:
         """x (B, E) or (B, t, E) new tokens -> their outputs and the new per-layer states.

@@ -1,17 +1,28 @@
-"""Export a streaming policy's step as an ONNX model, to act with no PyTorch (``aaren_rl.runtime``).
+"""Export a policy's step as an ONNX model, to act with no PyTorch (``aaren_rl.runtime``).
 
-One call of the exported graph is one environment step of a Decision Aaren model:
+One call of the exported graph is one environment step, for any of the policy's modes
+(``aaren_rl.policy``):
 
     inputs   obs (n, obs_dim) float32 in env units, prev_action (n, act) float32 in model units
              (discrete: (n,) int64), returns_to_go (n,) float32, timestep (n,) int64, start (n,)
-             bool, m (L, n, H), u (L, n, H), w (L, n, H, Dh) float32: the state
-    outputs  out (n, act): tanh'd action in [-1, 1] (discrete: logits), m_out, u_out, w_out
+             bool, then the state tensors
+    outputs  out (n, act): tanh'd action in [-1, 1] (discrete: logits), then the new state, each
+             tensor named as its input with ``_out``
 
 the same contract as a backend's ``step`` (``aaren_rl.backends``); the graph normalizes the
-observation and empties the state of rows that begin an episode, and is pure arithmetic (no
-loop, no cache that grows). The folder also holds ``spec.json``: the state's layout, the
-observation and action spaces, the normalization constants, the return scale, the default target
-return, the model config, and the ``.onnx`` file's SHA-256.
+observation and empties the state of rows that begin an episode. The state, by mode:
+
+- Decision Aaren, ``"recurrent"``: m, u (L, n, H), w (L, n, H, Dh): constant size.
+- Decision Transformer, ``"recurrent"`` (a model trained on whole episodes): the key/value cache
+  k, v (L, n, H, T, Dh) and valid (n, T), T = the tokens so far; the graph returns it 3 tokens
+  longer. ``"sliding"``: the same tensors with T = 3K - 2 fixed (``KVCache``'s sliding window).
+- ``"window"``: the last K timesteps' values (window_returns_to_go, ...); the graph reruns the
+  model over them (``DecisionModel.act_window``).
+
+The graphs run the model's own code (``DecisionModel.act`` / ``act_window``) on explicit state
+tensors. The folder also holds ``spec.json``: the state's layout, the observation and action
+spaces, the normalization constants, the return scale, the default target return, the model
+config, and the ``.onnx`` file's SHA-256.
 
 The graph is written with PyTorch's TorchScript-based exporter (``torch.onnx.export(...,
 dynamo=False)``): the dynamo exporter needs ``onnxscript``, which the ``onnx`` extra does not pull.
@@ -28,61 +39,108 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .blocks import KVCache
 from .layer import AarenState
-from .model import A, R, S, DecisionModel
+from .model import DecisionModel, sliding_window
 from .output import write_json
+from .policy import MODES
 
-from .runtime import FORMAT, INPUTS, OUTPUTS, SPEC_FILE
+from .runtime import FORMAT, SPEC_FILE, TOKEN_INPUTS
 
 OPSET = 17
 ONNX_FILE = "step.onnx"
+WINDOW_KEYS = ("returns_to_go", "observations", "actions", "timesteps", "padding_mask")  # DecisionModel.init_window
 
 
 def _isneginf(g, x):  # the scan's combine tests for an empty state with isneginf: ONNX's IsInf
     return g.op("IsInf", x, detect_negative_i=1, detect_positive_i=0)
 
 
-class AarenStepModule(nn.Module):
-    """One environment step of an Aaren ``DecisionModel`` from explicit state tensors (what is exported)."""
+def default_mode(model: DecisionModel) -> str:
+    """The mode ``StreamingPolicy`` picks for ``model``."""
+    c = model.config
+    return "recurrent" if (c.backbone == "aaren" or c.context == "episode") else "window"
 
-    def __init__(self, model: DecisionModel):
+
+class StepModule(nn.Module):
+    """One environment step of a ``DecisionModel`` in one mode, from explicit state tensors (what is exported)."""
+
+    def __init__(self, model: DecisionModel, mode: str):
         super().__init__()
-        if model.config.backbone != "aaren":
-            raise ValueError(f"only an Aaren model exports its streaming step, not backbone {model.config.backbone!r}")
-        self.model = model.eval()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "sliding" and model.config.backbone != "transformer":
+            raise ValueError(f"mode 'sliding' is a Transformer's; export the {model.config.backbone!r} model in "
+                             f"mode 'recurrent'")
+        self.model, self.mode = model.eval(), mode
+        self.window = sliding_window(model.config, mode)
 
-    def forward(self, obs, prev_action, returns_to_go, timestep, start, m, u, w):
-        mdl = self.model
-        keep = (~start).to(m.dtype)  # rows that begin an episode: an empty state (-inf, 0, 0)
-        states = [AarenState(torch.where(start[:, None], torch.full_like(m[i], float("-inf")), m[i]),
-                             u[i] * keep[:, None], w[i] * keep[:, None, None]) for i in range(m.shape[0])]
-        obs = mdl.normalize_obs(obs)
-        t = timestep
-        tokens = torch.stack([
-            mdl.embed(A, prev_action, (t - 1).clamp(min=0)),
-            mdl.embed(R, returns_to_go, t),
-            mdl.embed(S, obs, t),
-        ], dim=1)  # (n, 3, E): a_{t-1}, R_t, s_t
-        pad = torch.stack([start, torch.zeros_like(start), torch.zeros_like(start)], dim=1)
-        for k in range(3):  # one token at a time: a fold per token, no scan (cummax has no ONNX op)
-            h, states = mdl.step(tokens[:, k], states, padding_mask=pad[:, k])
-        out = mdl.action_output(h)
-        return (out, torch.stack([s.m for s in states]), torch.stack([s.u for s in states]),
-                torch.stack([s.w for s in states]))
+    def forward(self, obs, prev_action, returns_to_go, timestep, start, *state):
+        mdl, tokens = self.model, (obs, prev_action, returns_to_go, timestep, start)
+        if self.mode == "window":
+            out, w = mdl.act_window(*tokens, dict(zip(WINDOW_KEYS, state)))
+            return (out, *(w[k] for k in WINDOW_KEYS))
+        if mdl.config.backbone == "aaren":
+            m, u, w = state
+            out, states = mdl.act(*tokens, [AarenState(m[i], u[i], w[i]) for i in range(m.shape[0])])
+            return (out, *(torch.stack([getattr(s, k) for s in states]) for k in ("m", "u", "w")))
+        k, v, valid = state
+        out, states = mdl.act(*tokens, [KVCache(k[i], v[i], valid, self.window) for i in range(k.shape[0])])
+        return out, torch.stack([s.k for s in states]), torch.stack([s.v for s in states]), states[0].valid
 
 
-def example_inputs(model: DecisionModel, n: int = 2) -> tuple:
+def state_spec(model: DecisionModel, mode: str) -> dict:
+    """The state tensors of ``mode``'s graph, in input order: shape ("n": environments, "T": cache
+    tokens so far), dtype, and the value of an empty state."""
     c = model.config
-    H, Dh = c.n_head, c.embed_dim // c.n_head
+    H, Dh, L, K = c.n_head, c.embed_dim // c.n_head, c.n_layer, c.context_len
+    if mode == "window":
+        act = {"shape": ["n", K], "dtype": "int64"} if c.discrete else {"shape": ["n", K, c.action_dim], "dtype": "float32"}
+        return {"window_returns_to_go": {"shape": ["n", K], "dtype": "float32", "empty": 0.0},
+                "window_observations": {"shape": ["n", K, c.observation_dim], "dtype": "float32", "empty": 0.0},
+                "window_actions": {**act, "empty": 0},
+                "window_timesteps": {"shape": ["n", K], "dtype": "int64", "empty": 0},
+                "window_padding_mask": {"shape": ["n", K], "dtype": "bool", "empty": True}}
+    if c.backbone == "aaren":
+        return {"m": {"shape": [L, "n", H], "dtype": "float32", "empty": "-inf"},
+                "u": {"shape": [L, "n", H], "dtype": "float32", "empty": 0.0},
+                "w": {"shape": [L, "n", H, Dh], "dtype": "float32", "empty": 0.0}}
+    window = sliding_window(c, mode)
+    T = "T" if window is None else window - 1
+    return {"k": {"shape": [L, "n", H, T, Dh], "dtype": "float32", "empty": 0.0},
+            "v": {"shape": [L, "n", H, T, Dh], "dtype": "float32", "empty": 0.0},
+            "valid": {"shape": ["n", T], "dtype": "bool", "empty": False}}
+
+
+_ITEMSIZE = {"float32": 4, "int64": 8, "bool": 1}
+
+
+def _bytes_per_env(state: dict, tokens: int) -> int:
+    total = 0
+    for t in state.values():
+        size = _ITEMSIZE[t["dtype"]]
+        for d in t["shape"]:
+            size *= tokens if d == "T" else 1 if d == "n" else d
+        total += size
+    return total
+
+
+def example_inputs(model: DecisionModel, mode: str, n: int = 2, tokens: int = 6) -> tuple:
+    c = model.config
     prev = torch.zeros(n, dtype=torch.long) if c.discrete else torch.zeros(n, c.action_dim)
+    state = []
+    for t in state_spec(model, mode).values():
+        shape = [n if d == "n" else tokens if d == "T" else d for d in t["shape"]]
+        dtype = {"float32": torch.float32, "int64": torch.long, "bool": torch.bool}[t["dtype"]]
+        state.append(torch.full(shape, float(t["empty"]), dtype=dtype))
     return (torch.zeros(n, c.observation_dim), prev, torch.zeros(n), torch.zeros(n, dtype=torch.long),
-            torch.ones(n, dtype=torch.bool), torch.full((c.n_layer, n, H), float("-inf")),
-            torch.zeros(c.n_layer, n, H), torch.zeros(c.n_layer, n, H, Dh))
+            torch.ones(n, dtype=torch.bool), *state)
 
 
-def spec_for(model: DecisionModel, target_return: float | None, env_id: str | None) -> dict:
+def spec_for(model: DecisionModel, mode: str, target_return: float | None, env_id: str | None) -> dict:
     c = model.config
-    H, Dh, L = c.n_head, c.embed_dim // c.n_head, c.n_layer
+    state = state_spec(model, mode)
+    grows = any("T" in t["shape"] for t in state.values())
     if c.discrete:
         action_space = {"type": "Discrete", "n": c.action_dim}
     else:
@@ -90,16 +148,14 @@ def spec_for(model: DecisionModel, target_return: float | None, env_id: str | No
     return {
         "format": FORMAT,
         "backbone": c.backbone,
+        "mode": mode,
         "onnx": ONNX_FILE,
         "opset": OPSET,
-        "inputs": list(INPUTS),
-        "outputs": list(OUTPUTS),
-        "state": {  # n: the number of environments
-            "m": {"shape": [L, "n", H], "dtype": "float32", "empty": "-inf"},
-            "u": {"shape": [L, "n", H], "dtype": "float32", "empty": 0.0},
-            "w": {"shape": [L, "n", H, Dh], "dtype": "float32", "empty": 0.0},
-            "bytes_per_env": 4 * L * H * (Dh + 2),
-        },
+        "inputs": [*TOKEN_INPUTS, *state],
+        "outputs": ["out", *(f"{k}_out" for k in state)],
+        "state": state,  # "n": the number of environments; "T": key/value cache tokens so far
+        "state_bytes_per_env": None if grows else _bytes_per_env(state, 0),
+        "state_bytes_per_env_per_step": _bytes_per_env(state, 3) if grows else 0,  # 3 tokens a step
         "observation_space": {"type": "Box", "shape": [c.observation_dim], "dtype": "float32"},
         "action_space": action_space,
         "normalization": {"obs_mean": model.obs_mean.tolist(), "obs_std": model.obs_std.tolist(),
@@ -112,26 +168,31 @@ def spec_for(model: DecisionModel, target_return: float | None, env_id: str | No
 
 
 def export_policy(model: DecisionModel, out_dir: str | os.PathLike, target_return: float | None = None,
-                  env_id: str | None = None) -> Path:
+                  env_id: str | None = None, mode: str | None = None) -> Path:
     """Write ``step.onnx`` and ``spec.json`` into ``out_dir``; the folder appears complete or not at all
-    (written next to it, then renamed; an existing folder is replaced only if it holds an export)."""
+    (written next to it, then renamed; an existing folder is replaced only if it holds an export).
+    ``mode``: the policy mode whose step is exported (default: ``StreamingPolicy``'s for the model)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir / SPEC_FILE).exists():
         if not out_dir.is_dir() or any(out_dir.iterdir()):
             raise ValueError(f"--out {out_dir} exists and is not an exported policy folder; choose another")
-    step = AarenStepModule(model.to("cpu", torch.float32).eval())
+    mode = mode or default_mode(model)
+    step = StepModule(model.to("cpu", torch.float32).eval(), mode)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
-        axes = {name: {0: "n"} for name in INPUTS[:5]}
-        axes.update({name: {1: "n"} for name in ("m", "u", "w", "m_out", "u_out", "w_out")})
+        spec = spec_for(model, mode, target_return, env_id)
+        axes = {name: {0: "n"} for name in TOKEN_INPUTS}
         axes["out"] = {0: "n"}
+        for name, t in spec["state"].items():
+            dims = {i: d for i, d in enumerate(t["shape"]) if isinstance(d, str)}
+            axes[name] = dims
+            axes[f"{name}_out"] = {i: ("T_next" if d == "T" else d) for i, d in dims.items()}
         torch.onnx.register_custom_op_symbolic("aten::isneginf", _isneginf, OPSET)
         with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # tracer warnings: the input checks read values while tracing
-            torch.onnx.export(step, example_inputs(model), str(tmp / ONNX_FILE), input_names=list(INPUTS),
-                              output_names=list(OUTPUTS), dynamic_axes=axes, opset_version=OPSET, dynamo=False)
-        spec = spec_for(model, target_return, env_id)
+            warnings.simplefilter("ignore")  # tracer warnings: shape checks read sizes while tracing
+            torch.onnx.export(step, example_inputs(model, mode), str(tmp / ONNX_FILE), input_names=spec["inputs"],
+                              output_names=spec["outputs"], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
         spec["onnx_sha256"] = hashlib.sha256((tmp / ONNX_FILE).read_bytes()).hexdigest()
         write_json(tmp / SPEC_FILE, spec)
         os.chmod(tmp, 0o755 & ~_umask())

@@ -54,9 +54,12 @@ def combine(a: tuple[Tensor, Tensor, Tensor], b: tuple[Tensor, Tensor, Tensor]):
 def _dense_prefix(m: Tensor, u: Tensor, w: Tensor):
     """All prefixes along dim -1 (length C) at once: a masked (C x C) weight matrix times (u, w)."""
     C = m.shape[-1]
-    run_max = torch.cummax(m, dim=-1).values  # (..., C)
-    ref = torch.where(torch.isneginf(run_max), torch.zeros_like(run_max), run_max)
     causal = torch.ones(C, C, dtype=torch.bool, device=m.device).tril()  # [k, i]: i <= k
+    if torch.onnx.is_in_onnx_export():  # ONNX has no cummax: the same maxima from the masked (C x C) matrix
+        run_max = torch.where(causal, m.unsqueeze(-2), NEG_INF).amax(-1)
+    else:
+        run_max = torch.cummax(m, dim=-1).values  # (..., C)
+    ref = torch.where(torch.isneginf(run_max), torch.zeros_like(run_max), run_max)
     # mask before exp so that no inf appears (exp(inf) * 0 would give NaN gradients)
     logits = torch.where(causal, m.unsqueeze(-2) - ref.unsqueeze(-1), NEG_INF)  # (..., C_k, C_i)
     weights = torch.exp(logits)
@@ -170,12 +173,13 @@ def check_tokens(name: str, x: Tensor, width: int, ranks=(3,)) -> None:
 
 
 def _can_read_back(x: Tensor) -> bool:
-    """Whether an input check may read a value back to the host: not while torch.compile traces
-    (it would break the graph), nor while a CUDA graph captures (a sync is illegal there), nor
-    under ``torch.func.vmap`` (many runs stacked, ``aaren_rl.group``: a batched value has no one
-    truth value). Those paths run the training step, whose loss the loop checks at every log line
-    instead."""
-    if torch.compiler.is_compiling() or torch._C._functorch.is_batchedtensor(x):
+    """Whether an input check may read a value back to the host: not while torch.compile or the
+    ONNX exporter traces (it would break the graph, or be baked into it), nor while a CUDA graph
+    captures (a sync is illegal there), nor under ``torch.func.vmap`` (many runs stacked,
+    ``aaren_rl.group``: a batched value has no one truth value). The compiled and batched paths
+    run the training step, whose loss the loop checks at every log line instead; an exported
+    step's inputs are checked by ``StreamingPolicy.predict``."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._functorch.is_batchedtensor(x):
         return False
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 

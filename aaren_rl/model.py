@@ -74,6 +74,18 @@ class ModelConfig:
         return asdict(self)
 
 
+def sliding_window(config, mode: str) -> int | None:
+    """The Transformer's attention span in tokens when it streams with a sliding key/value cache
+    (None: a cache that grows, or no cache). ``"sliding"`` keeps the last K timesteps, and so does
+    ``"recurrent"`` for a Transformer trained on K-step windows. 3K - 1 tokens: the s_t token
+    sees R_{t-K+1}, s_{t-K+1}, a_{t-K+1}, ..., R_t, s_t, the tokens DT's window recompute gives it."""
+    if config.backbone != "transformer" or mode == "window":
+        return None
+    if mode == "sliding" or config.context == "window":
+        return 3 * config.context_len - 1
+    return None
+
+
 class DecisionModel(nn.Module):
     def __init__(self, config: ModelConfig, obs_mean=None, obs_std=None):
         super().__init__()
@@ -155,12 +167,62 @@ class DecisionModel(nn.Module):
         return (per_step * real).sum() / real.sum().clamp(min=1)
 
     # -- recurrent form (acting) ------------------------------------------------------------
-    def init_state(self, batch_size: int):
-        return self.backbone.init_state(batch_size)
+    def init_state(self, batch_size: int, window: int | None = None):
+        """The backbone's empty state; ``window`` (Transformer): sliding caches of that many tokens."""
+        return self.backbone.init_state(batch_size, window=window)
 
     def step(self, tokens: Tensor, state, padding_mask: Tensor | None = None):
         """Feed embedded tokens (B, t, E) into the backbone state; returns outputs (B, t, E) and state."""
         return self.backbone.step(self.embed_ln(tokens), state, padding_mask=padding_mask)
+
+    # -- one environment step (what a policy's backend computes, and what is exported) -------
+    # obs (n, obs_dim) in env units; prev_action a_{t-1} in model units ((n,) indices if discrete;
+    # anything where ``start``); returns_to_go (n,); timestep (n,) of this observation; start (n,)
+    # bool: rows that begin an episode. Each returns the action head's output at s_t (n, act) and
+    # the new state.
+    def act(self, obs: Tensor, prev_action: Tensor, returns_to_go: Tensor, timestep: Tensor, start: Tensor, state):
+        """From the backbone's recurrent state: rows that start are emptied, then (a_{t-1}, R_t, s_t)
+        go in as one 3-token chunk (a_{t-1} is padding where ``start``)."""
+        state = self.backbone.reset_state(state, start)
+        t = timestep
+        tokens = torch.stack([
+            self.embed(A, prev_action, (t - 1).clamp(min=0)),
+            self.embed(R, returns_to_go, t),
+            self.embed(S, self.normalize_obs(obs), t),
+        ], dim=1)  # (n, 3, E): a_{t-1}, R_t, s_t
+        pad = torch.stack([start, torch.zeros_like(start), torch.zeros_like(start)], dim=1)
+        h, state = self.step(tokens, state, padding_mask=pad)
+        return self.action_output(h[:, 2]), state
+
+    def init_window(self, batch_size: int) -> dict[str, Tensor]:
+        """Decision Transformer's evaluation state: the last K timesteps' values, all padding yet."""
+        c, p = self.config, self.embed_ln.weight
+        n, K, dev = batch_size, c.context_len, p.device
+        actions = (torch.zeros(n, K, dtype=torch.long, device=dev) if c.discrete
+                   else torch.zeros(n, K, c.action_dim, device=dev, dtype=p.dtype))
+        return {"returns_to_go": torch.zeros(n, K, device=dev, dtype=p.dtype),
+                "observations": torch.zeros(n, K, c.observation_dim, device=dev, dtype=p.dtype),
+                "actions": actions, "timesteps": torch.zeros(n, K, dtype=torch.long, device=dev),
+                "padding_mask": torch.ones(n, K, dtype=torch.bool, device=dev)}
+
+    def act_window(self, obs: Tensor, prev_action: Tensor, returns_to_go: Tensor, timestep: Tensor, start: Tensor,
+                   window: dict[str, Tensor]):
+        """Decision Transformer's evaluation: the last K timesteps, recomputed by ``forward``."""
+        # a_{t-1} into the slot of the last timestep (a placeholder until now); a row that
+        # begins an episode drops its whole window; then drop the oldest timestep and append
+        # R_t, s_t (a_t is unknown yet; causality hides its placeholder)
+        w = window
+        actions = torch.cat([w["actions"][:, :-1], prev_action[:, None]], 1)
+        w = {
+            "returns_to_go": torch.cat([w["returns_to_go"][:, 1:], returns_to_go[:, None]], 1),
+            "observations": torch.cat([w["observations"][:, 1:], self.normalize_obs(obs)[:, None]], 1),
+            "actions": torch.cat([actions[:, 1:], torch.zeros_like(actions[:, :1])], 1),
+            "timesteps": torch.cat([w["timesteps"][:, 1:], timestep[:, None]], 1),
+            "padding_mask": torch.cat([(w["padding_mask"] | start[:, None])[:, 1:],
+                                       torch.zeros_like(w["padding_mask"][:, :1])], 1),
+        }
+        pred = self(w["returns_to_go"], w["observations"], w["actions"], w["timesteps"], w["padding_mask"])
+        return pred[:, -1], w
 
     @torch.no_grad()
     def export_step_weights(self) -> tuple[dict, dict, list[dict]]:

@@ -12,15 +12,23 @@ backend takes one step's token values and the recurrent memory and returns the a
 output; which one runs is chosen when the policy is made, and the state is the same
 ``PolicyState`` on every machine. This module itself needs NumPy only.
 
-Two modes:
+Three modes:
 - ``"recurrent"`` (the default for Aaren): every environment step feeds (a_{t-1}, R_t, s_t) as one
   3-token chunk into the backbone's recurrent state. For Aaren the state has a constant size,
-  whatever t is; for the Transformer it is a key/value cache that grows (kept to the last K
-  timesteps for a model trained on K-step windows). The actions equal the parallel forward pass
+  whatever t is; for the Transformer it is a key/value cache that grows (for a model trained on
+  K-step windows: the sliding cache of ``"sliding"``). The actions equal the parallel forward pass
   over the whole trajectory so far. An Aaren model trained on K-step windows thus conditions on
   the whole episode when it acts.
 - ``"window"``: Decision Transformer's evaluation: keep the last K timesteps and recompute them all
   at every step.
+- ``"sliding"`` (Transformer only): a key/value cache of the last K timesteps in every layer, of
+  constant size: each token attends to itself and the 3K - 2 tokens before it. Its actions equal
+  ``"window"``'s for the first K steps of an episode, and always for a one-layer model; later, in
+  a deeper model they differ by construction: a cached key of layer 2 or above was computed when
+  its token was new, from the window of *that* step, so the s_t token's output still depends on
+  timesteps before t - K + 1 (up to about n_layer * K back), where the window recompute sees the
+  last K timesteps alone. It is exactly banded attention over the whole episode, the parallel form
+  of a sliding window (``tests/test_blocks.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-MODES = ("recurrent", "window")
+MODES = ("recurrent", "window", "sliding")
 # float32 arithmetic squares its inputs in the LayerNorms: values beyond this (about the square
 # root of float32's largest number, 3.4e38) overflow there, and a step would return garbage
 MAX_INPUT = 1e15
@@ -86,6 +94,9 @@ class StreamingPolicy:
             mode = "recurrent" if (c.backbone == "aaren" or c.context == "episode") else "window"
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "sliding" and model.config.backbone != "transformer":
+            raise ValueError(f"mode 'sliding' is a Transformer's key/value cache; a {model.config.backbone!r} "
+                             f"model's state has a constant size already (mode 'recurrent')")
         self.model = model.eval()
         self._bind(model.config, target_return, mode, make_backend(model, mode, backend))
 

@@ -5,9 +5,11 @@
     action, state = policy.predict(obs, state, episode_start=starts, reward=reward)
 
 ``OnnxPolicy`` is a ``StreamingPolicy`` (the same episode bookkeeping, the same ``PolicyState``)
-whose backend is the exported step (``OnnxStep``): one ONNX Runtime call per environment step,
-the state an ``AarenMemory`` of constant size. Needs ``aaren-rl[onnx]`` (onnxruntime) and
-NumPy; this module imports nothing that imports torch.
+whose backend is the exported step (``OnnxStep``): one ONNX Runtime call per environment step.
+The state is what the spec lists: for Decision Aaren an ``AarenMemory`` of constant size, for
+the Decision Transformer's forms a ``GraphMemory`` (the key/value cache, growing or sliding, or
+the last K timesteps). Needs ``aaren-rl[onnx]`` (onnxruntime) and NumPy; this module imports
+nothing that imports torch.
 """
 
 from __future__ import annotations
@@ -20,12 +22,23 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .policy import AarenMemory, StreamingPolicy
+from .policy import MODES, AarenMemory, StreamingPolicy
 
-FORMAT = "aaren-rl-step/1"  # as aaren_rl.export writes
+FORMAT = "aaren-rl-step/2"  # as aaren_rl.export writes; /2: any mode, the state tensors listed in the spec
 SPEC_FILE = "spec.json"
-INPUTS = ("obs", "prev_action", "returns_to_go", "timestep", "start", "m", "u", "w")
-OUTPUTS = ("out", "m_out", "u_out", "w_out")
+TOKEN_INPUTS = ("obs", "prev_action", "returns_to_go", "timestep", "start")
+DTYPES = {"float32": np.float32, "int64": np.int64, "bool": np.bool_}
+
+
+class GraphMemory(dict):
+    """An exported graph's state: its named input arrays (``spec["state"]``), NumPy."""
+
+    def copy(self) -> "GraphMemory":
+        return GraphMemory({k: v.copy() for k, v in self.items()})
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self.values())
 
 
 def is_exported(path: str | os.PathLike) -> bool:
@@ -44,16 +57,27 @@ def read_spec(folder: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: not a readable JSON spec ({e})") from None
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
         got = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
-        raise ValueError(f"{path}: format {got!r}, expected {FORMAT!r}")
+        hint = " (written by an older aaren-rl: export the checkpoint again)" if str(got).startswith("aaren-rl-step/") else ""
+        raise ValueError(f"{path}: format {got!r}, expected {FORMAT!r}{hint}")
     try:
         c = spec["model_config"]
         for key in ("observation_dim", "action_dim", "discrete", "n_layer", "n_head", "embed_dim"):
             c[key]
         if not c["discrete"] and not (len(c["action_low"]) == len(c["action_high"]) == c["action_dim"]):
             raise ValueError("action_low and action_high need action_dim entries each")
-        spec["state"]["m"]["shape"], spec["state"]["w"]["shape"], spec["onnx"]
+        if spec["mode"] not in MODES:
+            raise ValueError(f"mode {spec['mode']!r} is not one of {MODES}")
+        if not spec["state"] or not isinstance(spec["state"], dict):
+            raise ValueError("state lists no tensors")
+        for name, t in spec["state"].items():
+            if t["dtype"] not in DTYPES or not isinstance(t["shape"], list):
+                raise ValueError(f"state {name}: dtype {t['dtype']!r} (expected one of {sorted(DTYPES)}) and a shape list")
+            t["empty"]
+        spec["onnx"]
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path}: the spec lacks {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return spec
 
 
@@ -84,33 +108,36 @@ class OnnxStep:
         except Exception as e:  # onnxruntime raises its own exception types
             raise ValueError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]})") from None
         self._check_against_spec(path)
-        c = spec["model_config"]
-        self.discrete = bool(c["discrete"])
-        L, _, H = spec["state"]["m"]["shape"]
-        self.state_shape = (int(L), int(H), int(spec["state"]["w"]["shape"][3]))
+        self.discrete = bool(spec["model_config"]["discrete"])
+        self.state = spec["state"]
+        self.aaren = list(self.state) == ["m", "u", "w"]  # Decision Aaren's (m, u, w): an AarenMemory
+        self.outputs = [o.name for o in self.session.get_outputs()]
 
     def _check_against_spec(self, path: Path) -> None:
         """The graph's inputs and outputs against what the spec says (names, fixed dims)."""
         spec, c = self.spec, self.spec["model_config"]
         got = {i.name: i for i in self.session.get_inputs()}
         outs = [o.name for o in self.session.get_outputs()]
-        if list(got) != list(INPUTS) or outs != list(OUTPUTS):
+        inputs, outputs = [*TOKEN_INPUTS, *spec["state"]], ["out", *(f"{k}_out" for k in spec["state"])]
+        if list(got) != inputs or outs != outputs:
             raise ValueError(f"{path} does not match its spec: inputs {list(got)}, outputs {outs}; expected "
-                             f"{list(INPUTS)} and {list(OUTPUTS)}")
+                             f"{inputs} and {outputs}")
         want = {"obs": ["n", c["observation_dim"]], "prev_action": ["n"] if c["discrete"] else ["n", c["action_dim"]],
-                "m": spec["state"]["m"]["shape"], "u": spec["state"]["u"]["shape"], "w": spec["state"]["w"]["shape"]}
+                **{k: t["shape"] for k, t in spec["state"].items()}}
         for name, shape in want.items():
             have = got[name].shape
             if len(have) != len(shape) or any(isinstance(s, int) and h != s for h, s in zip(have, shape)):
                 raise ValueError(f"{path} does not match its spec: input {name} has shape {have}, the spec "
                                  f"says {shape}")
 
-    def init_memory(self, n: int) -> AarenMemory:
-        L, H, Dh = self.state_shape
-        return AarenMemory(np.full((L, n, H), -np.inf, np.float32), np.zeros((L, n, H), np.float32),
-                           np.zeros((L, n, H, Dh), np.float32))
+    def init_memory(self, n: int):
+        arrays = {}
+        for name, t in self.state.items():  # "n": environments; any other name (the cache's "T"): none yet
+            shape = [n if d == "n" else 0 if isinstance(d, str) else d for d in t["shape"]]
+            arrays[name] = np.full(shape, float(t["empty"]), DTYPES[t["dtype"]])
+        return AarenMemory(**arrays) if self.aaren else GraphMemory(arrays)
 
-    def memory_nbytes(self, memory: AarenMemory) -> int:
+    def memory_nbytes(self, memory) -> int:
         return memory.nbytes
 
     def step(self, obs, prev_action, returns_to_go, timestep, start, memory):
@@ -120,10 +147,11 @@ class OnnxStep:
             "returns_to_go": np.ascontiguousarray(returns_to_go, np.float32),
             "timestep": np.ascontiguousarray(timestep, np.int64),
             "start": np.ascontiguousarray(start, bool),
-            "m": memory.m, "u": memory.u, "w": memory.w,
         }
-        out, m, u, w = self.session.run(None, feed)
-        return out, AarenMemory(m, u, w)
+        feed.update({k: getattr(memory, k) for k in self.state} if self.aaren else memory)
+        out, *state = self.session.run(self.outputs, feed)
+        arrays = dict(zip(self.state, state))
+        return out, (AarenMemory(**arrays) if self.aaren else GraphMemory(arrays))
 
 
 class OnnxPolicy(StreamingPolicy):
@@ -141,4 +169,4 @@ class OnnxPolicy(StreamingPolicy):
         self.model = None  # no PyTorch model: the exported graph is the backend
         c = self.spec["model_config"]
         self.config = SimpleNamespace(**c)
-        self._bind(self.config, target_return, "recurrent", OnnxStep(folder, self.spec, threads=threads))
+        self._bind(self.config, target_return, self.spec["mode"], OnnxStep(folder, self.spec, threads=threads))

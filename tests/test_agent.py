@@ -69,6 +69,42 @@ def test_window_policy_equals_parallel_forward_within_the_window(backbone):
     assert np.abs(got[t] - model.unnormalize_action(pred[0, -1]).numpy()).max() <= 1e-5
 
 
+def test_sliding_cache_equals_window_recompute_where_it_should():
+    """A sliding key/value cache of the last K timesteps against DT's window recompute: equal for a
+    one-layer model at every step, and, in a deeper model, for the first K steps of an episode;
+    after that they differ by construction (a deeper layer's cached keys were computed from the
+    window of the step that made them, ``policy.py``)."""
+    obs, actions, rewards = trajectory(T=30)
+    K = 8
+    for n_layer in (1, 2):
+        model = make_model("transformer", "window", K=K, n_layer=n_layer)
+        window = streamed_actions(StreamingPolicy(model, 5.0, mode="window"), obs, actions, rewards)
+        sliding_policy = StreamingPolicy(model, 5.0, mode="sliding")
+        sliding = streamed_actions(sliding_policy, obs, actions, rewards)
+        diff = np.abs(window - sliding).max(-1)
+        assert diff[:K].max() <= 1e-5
+        if n_layer == 1:
+            assert diff.max() <= 1e-5
+        else:
+            assert diff[K:].max() > 1e-2
+    # the same with two environments, one of which begins a new episode on the way
+    model = make_model("transformer", "episode", K=K, n_layer=1)
+    got = {}
+    for mode in ("window", "sliding"):
+        policy, state, out = StreamingPolicy(model, 5.0, mode=mode), None, []
+        for t in range(25):
+            a, state = policy.predict(np.stack([obs[t], obs[t + 5]]), state, episode_start=np.array([t == 0, t in (0, 11)]),
+                                      reward=np.stack([rewards[t], rewards[t + 5]]))
+            out.append(a)
+            if mode == "sliding":
+                sizes = {policy.state_nbytes(state)} | (sizes if t else set())
+        got[mode] = np.array(out)
+    assert np.abs(got["window"] - got["sliding"]).max() <= 1e-5
+    assert len(sizes) == 1  # constant size from the first step
+    with pytest.raises(ValueError, match="mode 'sliding' is a Transformer's"):
+        StreamingPolicy(make_model("aaren"), 1.0, mode="sliding")
+
+
 def test_vectorized_streaming_with_episode_starts_matches_separate_runs():
     model = make_model("aaren", "episode")
     policy = StreamingPolicy(model, 4.0)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from aaren_rl import Backbone, KVCache
 from aaren_rl.layer import AarenState
@@ -67,6 +68,36 @@ def test_aaren_state_is_constant_while_the_kv_cache_grows():
     assert all(isinstance(s, AarenState) for s in sa50) and all(isinstance(s, KVCache) for s in st50)
     assert sum(s.nbytes() for s in sa1) == sum(s.nbytes() for s in sa50)
     assert sum(s.nbytes() for s in st50) > 10 * sum(s.nbytes() for s in st1)
+
+
+def banded_forward(net, x, window):
+    """The parallel form of a sliding window, written out here: each token attends to itself and
+    the ``window - 1`` tokens before it, in every layer."""
+    pos = torch.arange(x.shape[1])
+    band = (pos[None] <= pos[:, None]) & (pos[None] > pos[:, None] - window)
+    for b in net.blocks:
+        q, k, v = b.mixer._heads(b.ln_1(x))
+        x = x + b.mixer._merge(F.scaled_dot_product_attention(q, k, v, attn_mask=band))
+        x = x + b.mlp(b.ln_2(x))
+    return net.ln_f(x)
+
+
+def test_a_sliding_cache_is_banded_attention_and_has_a_constant_size():
+    net, window = make("transformer", seed=4), 7
+    x = torch.randn(2, 23, 16, dtype=torch.float64)
+    with torch.no_grad():
+        want = banded_forward(net, x, window)
+        state, outs, sizes = net.init_state(2, window=window), [], []
+        for i in range(0, 23, 3):  # chunks of 3 tokens, as a policy feeds them; the last one shorter
+            y, state = net.step(x[:, i:i + 3], state)
+            outs.append(y)
+            sizes.append(sum(s.nbytes() for s in state))
+        assert (torch.cat(outs, 1) - want).abs().max() <= 1e-10
+        assert len(set(sizes)) == 1 and all(s.k.shape[2] == window - 1 for s in state)
+        # within the first window the band is the whole prefix: the same as the growing cache
+        assert (want[:, :window] - net(x[:, :window])).abs().max() <= 1e-10
+    with pytest.raises(ValueError, match="a sliding window is a Transformer's cache"):
+        make("aaren").init_state(1, window=window)
 
 
 def test_backbone_bad_inputs():

@@ -20,15 +20,32 @@ from aaren_rl.export import export_policy  # noqa: E402
 from aaren_rl.policy import StreamingPolicy  # noqa: E402
 from aaren_rl.runtime import OnnxPolicy  # noqa: E402
 
-ENVS = {"continuous": ("Pendulum-v1", dict(obs_dim=3, act_dim=1)), "discrete": ("CartPole-v1", dict(discrete=True, obs_dim=4, act_dim=2))}
+PENDULUM = ("Pendulum-v1", dict(obs_dim=3, act_dim=1))
+CARTPOLE = ("CartPole-v1", dict(discrete=True, obs_dim=4, act_dim=2))
+# name: env, backbone, training context, policy mode; K = 4, so that DT's windows slide within an episode
+FORMS = {
+    "aaren-continuous": (PENDULUM, "aaren", "episode", "recurrent"),
+    "aaren-discrete": (CARTPOLE, "aaren", "episode", "recurrent"),
+    "dt-window-continuous": (PENDULUM, "transformer", "window", "window"),
+    "dt-window-discrete": (CARTPOLE, "transformer", "window", "window"),
+    "dt-kvcache": (PENDULUM, "transformer", "episode", "recurrent"),
+    "dt-sliding": (PENDULUM, "transformer", "episode", "sliding"),
+}
 
 
-@pytest.fixture(scope="module", params=sorted(ENVS))
+@pytest.fixture(scope="module", params=sorted(FORMS))
 def exported(request, tmp_path_factory):
-    env_id, kw = ENVS[request.param]
-    model = make_model(**kw)
-    folder = export_policy(model, tmp_path_factory.mktemp("export") / "policy", target_return=5.0, env_id=env_id)
-    return env_id, model, folder
+    (env_id, kw), backbone, context, mode = FORMS[request.param]
+    model = make_model(backbone, context, K=4, **kw)
+    folder = export_policy(model, tmp_path_factory.mktemp("export") / "policy", target_return=5.0, env_id=env_id,
+                           mode=mode)
+    return env_id, model, folder, mode
+
+
+@pytest.fixture(scope="module")
+def aaren_exported(tmp_path_factory):
+    model = make_model(**PENDULUM[1])
+    return export_policy(model, tmp_path_factory.mktemp("export") / "policy", target_return=5.0, env_id=PENDULUM[0])
 
 
 def _run_side_by_side(env, onnx_policy, torch_policy, steps):
@@ -56,9 +73,9 @@ def _run_side_by_side(env, onnx_policy, torch_policy, steps):
 
 @pytest.mark.parametrize("n_envs", [1, 3])
 def test_exported_actions_equal_the_pytorch_policy_over_whole_episodes(exported, n_envs):
-    env_id, model, folder = exported
-    onnx_policy, torch_policy = OnnxPolicy(folder), StreamingPolicy(model, 5.0, backend="torch")
-    assert onnx_policy.target_return == 5.0  # the spec's default
+    env_id, model, folder, mode = exported
+    onnx_policy, torch_policy = OnnxPolicy(folder), StreamingPolicy(model, 5.0, mode=mode, backend="torch")
+    assert onnx_policy.target_return == 5.0 and onnx_policy.mode == mode  # the spec's
     steps, kw = 130, {"max_episode_steps": 60}  # whole episodes and resets (two and more per env)
     if n_envs == 1:
         env = gym.make(env_id, **kw)
@@ -73,21 +90,25 @@ def test_exported_actions_equal_the_pytorch_policy_over_whole_episodes(exported,
     assert worst <= 1e-5
 
 
-def test_the_state_has_a_constant_size_and_the_spec_says_it(exported):
-    _, model, folder = exported
+def test_the_state_has_the_size_the_spec_says(exported):
+    _, model, folder, mode = exported
     policy = OnnxPolicy(folder)
     spec = json.loads((folder / "spec.json").read_text())
     state = policy.reset(2)
     obs = np.zeros((2, model.config.observation_dim), np.float32)
-    for _ in range(5):
+    for t in range(1, 6):
         _, state = policy.predict(obs, state, reward=np.zeros(2))
-        assert policy.state_nbytes(state) == 2 * spec["state"]["bytes_per_env"]
-    assert spec["model_config"] == model.config.to_dict()
+        if spec["state_bytes_per_env"] is None:  # the growing key/value cache: 3 tokens a step
+            assert policy.state_nbytes(state) == 2 * t * spec["state_bytes_per_env_per_step"]
+        else:
+            assert policy.state_nbytes(state) == 2 * spec["state_bytes_per_env"]
+    assert (spec["state_bytes_per_env"] is None) == (model.config.backbone == "transformer" and mode == "recurrent")
+    assert spec["model_config"] == model.config.to_dict() and spec["mode"] == mode
     assert spec["normalization"]["obs_mean"] == pytest.approx(model.obs_mean.tolist())
 
 
 def test_the_runtime_imports_and_acts_without_torch(exported):
-    env_id, model, folder = exported
+    env_id, model, folder, mode = exported
     obs = np.random.default_rng(0).normal(size=(4, 2, model.config.observation_dim)).astype(np.float32)
     code = f"""
 import sys, numpy as np
@@ -110,7 +131,7 @@ print(repr(out))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     got = np.array(eval(res.stdout.strip().splitlines()[-1]))
-    torch_policy, state, want = StreamingPolicy(model, 5.0, backend="torch"), None, []
+    torch_policy, state, want = StreamingPolicy(model, 5.0, mode=mode, backend="torch"), None, []
     for t in range(obs.shape[0]):
         a, state = torch_policy.predict(obs[t], state, reward=None if t == 0 else np.ones(2))
         want.append(a)
@@ -125,8 +146,8 @@ def _copy(folder, tmp_path):
     return dst
 
 
-def test_a_missing_or_corrupt_onnx_file_is_a_clear_error(exported, tmp_path):
-    folder = _copy(exported[2], tmp_path)
+def test_a_missing_or_corrupt_onnx_file_is_a_clear_error(aaren_exported, tmp_path):
+    folder = _copy(aaren_exported, tmp_path)
     (folder / "step.onnx").write_bytes(b"not an onnx model")
     with pytest.raises(ValueError, match="does not match its spec"):
         OnnxPolicy(folder)
@@ -142,8 +163,8 @@ def test_a_missing_or_corrupt_onnx_file_is_a_clear_error(exported, tmp_path):
         OnnxPolicy(tmp_path)
 
 
-def test_a_spec_that_does_not_match_the_model_is_a_clear_error(exported, tmp_path):
-    folder = _copy(exported[2], tmp_path)
+def test_a_spec_that_does_not_match_the_model_is_a_clear_error(aaren_exported, tmp_path):
+    folder = _copy(aaren_exported, tmp_path)
     spec = json.loads((folder / "spec.json").read_text())
     spec["model_config"]["observation_dim"] += 1
     (folder / "spec.json").write_text(json.dumps(spec))
@@ -156,6 +177,9 @@ def test_a_spec_that_does_not_match_the_model_is_a_clear_error(exported, tmp_pat
         OnnxPolicy(folder)
     (folder / "spec.json").write_text('{"format": "something else"}')
     with pytest.raises(ValueError, match="format 'something else'"):
+        OnnxPolicy(folder)
+    (folder / "spec.json").write_text('{"format": "aaren-rl-step/1"}')
+    with pytest.raises(ValueError, match="older aaren-rl: export the checkpoint again"):
         OnnxPolicy(folder)
 
 
@@ -180,3 +204,19 @@ def test_export_and_evaluate_from_the_command_line(tmp_path, capsys):
     (tmp_path / "other" / "keep.txt").write_text("x")
     with pytest.raises(SystemExit, match="exists and is not an exported policy folder"):
         main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "other")])
+
+
+def test_a_decision_transformer_exports_in_each_mode_from_the_command_line(tmp_path, capsys):
+    model = make_model("transformer", "episode", K=4, obs_dim=3, act_dim=1)
+    save_checkpoint(tmp_path / "run", 1, model, {"env_id": "Pendulum-v1", "target_return": 5.0})
+    for mode in ("window", "recurrent", "sliding"):
+        out = tmp_path / mode
+        assert main(["export", str(tmp_path / "run"), "--out", str(out), "--mode", mode]) == 0
+        assert f"mode {mode}" in capsys.readouterr().out
+        assert json.loads((out / "spec.json").read_text())["mode"] == mode
+    assert main(["evaluate", str(tmp_path / "sliding"), "--episodes", "1"]) == 0
+    with pytest.raises(SystemExit, match="exported in mode 'sliding'; --mode window needs the checkpoint"):
+        main(["evaluate", str(tmp_path / "sliding"), "--mode", "window", "--episodes", "1"])
+    save_checkpoint(tmp_path / "da", 1, make_model(obs_dim=3, act_dim=1), {"env_id": "Pendulum-v1"})
+    with pytest.raises(SystemExit, match="mode 'sliding' is a Transformer's"):
+        main(["export", str(tmp_path / "da"), "--out", str(tmp_path / "x"), "--mode", "sliding"])

@@ -21,10 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--episodes", type=int, default=10, help="episodes, run up to 16 at a time (default: 10)")
     p.add_argument("--target-return", type=float,
                    help="return to condition on (default: the env preset's first target, else the one training used)")
-    p.add_argument("--mode", choices=["recurrent", "window"],
+    p.add_argument("--mode", choices=["recurrent", "window", "sliding"],
                    help="recurrent: constant-size state (Aaren) or key/value cache (Transformer); "
-                        "window: recompute the last K steps (DT) (default: recurrent for Aaren and for models "
-                        "trained on whole episodes, else window)")
+                        "window: recompute the last K steps (DT); sliding: a Transformer's key/value cache of the last "
+                        "K steps (default: recurrent for Aaren and for models trained on whole episodes, else window; "
+                        "an exported policy: the mode it was exported in)")
     p.add_argument("--seed", type=int, default=0, help="environment i is seeded with SEED + i (default: 0)")
     p.add_argument("--device", default="cpu", help="device the policy runs on (default: cpu, where the compiled "
                                                    "step runs)")
@@ -49,9 +50,10 @@ def run(args: argparse.Namespace) -> int:
     exported = is_exported(args.checkpoint)
     try:
         if exported:
-            if args.mode == "window":
-                raise ValueError("an exported policy streams (recurrent mode); --mode window needs the checkpoint")
             spec = read_spec(args.checkpoint)
+            if args.mode and args.mode != spec["mode"]:
+                raise ValueError(f"{args.checkpoint} was exported in mode {spec['mode']!r}; --mode {args.mode} needs "
+                                 f"the checkpoint, or an export with --mode {args.mode}")
             model, info = None, {"env_id": spec.get("env_id"), "target_return": spec.get("target_return")}
         else:
             model, info = load_checkpoint(args.checkpoint, device=args.device)
