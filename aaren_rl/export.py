@@ -13,9 +13,10 @@ the same contract as a backend's ``step`` (``aaren_rl.backends``); the graph nor
 observation and empties the state of rows that begin an episode. The state, by mode:
 
 - Decision Aaren, ``"recurrent"``: m, u (L, n, H), w (L, n, H, Dh): constant size.
-- Decision Transformer, ``"recurrent"`` (a model trained on whole episodes): the key/value cache
-  k, v (L, n, H, T, Dh) and valid (n, T), T = the tokens so far; the graph returns it 3 tokens
-  longer. ``"sliding"``: the same tensors with T = 3K - 2 fixed (``KVCache``'s sliding window).
+- Decision Transformer, ``"recurrent"`` (a model trained on whole episodes): the key/value cache,
+  k_i, v_i (n, H, T, Dh) for every layer i and valid (n, T), T = the tokens so far; the graph
+  returns it 3 tokens longer. ``"sliding"``: the same tensors with T = 3K - 2 fixed
+  (``KVCache``'s sliding window).
 - ``"window"``: the last K timesteps' values (window_returns_to_go, ...); the graph reruns the
   model over them (``DecisionModel.act_window``).
 
@@ -84,9 +85,9 @@ class StepModule(nn.Module):
             m, u, w = state
             out, states = mdl.act(*tokens, [AarenState(m[i], u[i], w[i]) for i in range(m.shape[0])])
             return (out, *(torch.stack([getattr(s, k) for s in states]) for k in ("m", "u", "w")))
-        k, v, valid = state
-        out, states = mdl.act(*tokens, [KVCache(k[i], v[i], valid, self.window) for i in range(k.shape[0])])
-        return out, torch.stack([s.k for s in states]), torch.stack([s.v for s in states]), states[0].valid
+        *kv, valid = state  # k_0, v_0, k_1, v_1, ...: one tensor each, so that a long cache is not copied into a stack
+        out, states = mdl.act(*tokens, [KVCache(k, v, valid, self.window) for k, v in zip(kv[::2], kv[1::2])])
+        return (out, *(t for s in states for t in (s.k, s.v)), states[0].valid)
 
 
 def state_spec(model: DecisionModel, mode: str) -> dict:
@@ -107,9 +108,9 @@ def state_spec(model: DecisionModel, mode: str) -> dict:
                 "w": {"shape": [L, "n", H, Dh], "dtype": "float32", "empty": 0.0}}
     window = sliding_window(c, mode)
     T = "T" if window is None else window - 1
-    return {"k": {"shape": [L, "n", H, T, Dh], "dtype": "float32", "empty": 0.0},
-            "v": {"shape": [L, "n", H, T, Dh], "dtype": "float32", "empty": 0.0},
-            "valid": {"shape": ["n", T], "dtype": "bool", "empty": False}}
+    kv = {f"{name}_{i}": {"shape": ["n", H, T, Dh], "dtype": "float32", "empty": 0.0}
+          for i in range(L) for name in ("k", "v")}
+    return {**kv, "valid": {"shape": ["n", T], "dtype": "bool", "empty": False}}
 
 
 _ITEMSIZE = {"float32": 4, "int64": 8, "bool": 1}

@@ -101,8 +101,8 @@ class OnnxStep:
         if digest and hashlib.sha256(data).hexdigest() != digest:
             raise ValueError(f"{path} does not match its spec (SHA-256 differs): corrupt, or from another export")
         opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
+        if threads:  # the graph is one chain of small operators: inter-op threads would have nothing to run
+            opts.intra_op_num_threads = opts.inter_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types

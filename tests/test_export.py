@@ -26,6 +26,7 @@ CARTPOLE = ("CartPole-v1", dict(discrete=True, obs_dim=4, act_dim=2))
 FORMS = {
     "aaren-continuous": (PENDULUM, "aaren", "episode", "recurrent"),
     "aaren-discrete": (CARTPOLE, "aaren", "episode", "recurrent"),
+    "aaren-window": (PENDULUM, "aaren", "window", "window"),
     "dt-window-continuous": (PENDULUM, "transformer", "window", "window"),
     "dt-window-discrete": (CARTPOLE, "transformer", "window", "window"),
     "dt-kvcache": (PENDULUM, "transformer", "episode", "recurrent"),
@@ -220,3 +221,18 @@ def test_a_decision_transformer_exports_in_each_mode_from_the_command_line(tmp_p
     save_checkpoint(tmp_path / "da", 1, make_model(obs_dim=3, act_dim=1), {"env_id": "Pendulum-v1"})
     with pytest.raises(SystemExit, match="mode 'sliding' is a Transformer's"):
         main(["export", str(tmp_path / "da"), "--out", str(tmp_path / "x"), "--mode", "sliding"])
+
+
+def test_bench_step_in_onnxruntime_times_every_policy_and_writes_its_json(tmp_path, capsys):
+    assert main(["bench", "step", "--engine", "onnxruntime", "--quick", "--batch", "1", "2",
+                 "--json", str(tmp_path / "step.json")]) == 0
+    res = json.loads((tmp_path / "step.json").read_text())
+    assert res["engine"] == "onnxruntime" and res["machine"]["intra_op_threads"] == 1
+    got = {(r["method"], r["batch"], r["t"]) for r in res["timing"]}
+    assert got == {(m, n, t) for m in ("aaren", "dt_window", "dt_kvcache", "dt_sliding") for n in (1, 2) for t in (10, 100)}
+    bytes_ = {(r["method"], r["batch"], r["t"]): r["state_bytes"] for r in res["timing"]}
+    assert bytes_[("aaren", 1, 100)] == bytes_[("aaren", 1, 10)] == 1560  # 3 layers x (128 + 2) float32
+    assert bytes_[("dt_kvcache", 1, 100)] == 10 * bytes_[("dt_kvcache", 1, 10)]  # grows with t
+    assert bytes_[("dt_sliding", 2, 100)] == bytes_[("dt_sliding", 2, 10)] == 2 * bytes_[("dt_sliding", 1, 10)]
+    assert set(res["onnx_bytes"]) == {"aaren", "dt_window", "dt_kvcache", "dt_sliding"}
+    assert "Decision Transformer, sliding key/value cache" in capsys.readouterr().out

@@ -1,5 +1,8 @@
 """Acting cost of a whole agent, one environment step at a time, on the CPU.
 
+``--engine onnxruntime`` runs every policy in ONNX Runtime instead (``bench/step_onnxruntime.py``);
+what follows is the default engine, PyTorch with the compiled C step.
+
 The agents have Decision Transformer's MuJoCo setting (3 layers, width 128, 1 head, K = 20) and
 HalfCheetah's shapes (observation 17, action 6). All of them run in one process, one torch thread,
 eval mode, through ``StreamingPolicy.predict`` (input checks and episode bookkeeping included).
@@ -263,24 +266,46 @@ def table(rows: list[dict], ref_key: str = "aaren_compiled") -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", default=None, help="result file (default benchmarks/results/step_cpu_<machine>.json)")
+    p.add_argument("--engine", choices=["torch", "onnxruntime"], default="torch",
+                   help="torch: the PyTorch and compiled C backends side by side; onnxruntime: every policy exported "
+                        "and run in ONNX Runtime, one thread (bench/step_onnxruntime.py)")
+    p.add_argument("--json", default=None, help="result file (default benchmarks/results/step_cpu_<machine>.json; "
+                                                "onnxruntime: step_onnxruntime_<machine>.json)")
     p.add_argument("--plot", default=None, help="PNG (default: next to the JSON, .png)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="numbers of environments")
     p.add_argument("--history", type=int, default=1000, help="t at which the torch policies are timed")
-    p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds")
-    p.add_argument("--block-s", type=float, default=0.1, help="seconds per method per round")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default: 20; onnxruntime: "
+                                                                 "10 at each point)")
+    p.add_argument("--block-s", type=float, default=None, help="seconds per method per round (default: 0.1; "
+                                                                "onnxruntime: 0.05)")
     p.add_argument("--aaren-steps", type=int, default=1_000_000, help="steps of the Aaren memory run")
     p.add_argument("--dt-steps", type=int, default=10_000, help="steps of the Transformer memory run")
     p.add_argument("--memory-budget-s", type=float, default=240.0, help="time limit of the Transformer memory run")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--malloc", choices=["heap", "default"], default="heap",
                    help="heap: glibc serves large blocks from its heap (faster for a growing KV cache); default: as is")
-    p.add_argument("--quick", action="store_true", help="a smoke test: few steps and rounds")
+    p.add_argument("--quick", action="store_true", help="a smoke test: few steps and rounds (default: off)")
+    g = p.add_argument_group("--engine onnxruntime")
+    g.add_argument("--points", type=int, nargs="+", default=[10, 100, 1000, 10_000, 100_000, 1_000_000],
+                   help="steps seen at which every policy is timed (one episode per environment)")
+    g.add_argument("--budget-s", type=float, nargs="+", default=[200.0, 30.0],
+                   help="seconds each policy may spend advancing to the points, one value per --batch (the last "
+                        "repeats); a policy stops before a point it would reach too late")
+    g.add_argument("--kvcache-steps", type=int, default=1000,
+                   help="the growing key/value cache goes no further than this many steps")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..kernels import cpu_step
 
+    if args.engine == "onnxruntime":
+        from . import step_onnxruntime
+
+        args.rounds = 10 if args.rounds is None else args.rounds
+        args.block_s = 0.05 if args.block_s is None else args.block_s
+        return step_onnxruntime.run(args)
+    args.rounds = 20 if args.rounds is None else args.rounds
+    args.block_s = 0.1 if args.block_s is None else args.block_s
     if args.quick:
         args.history, args.rounds, args.block_s = 50, 2, 0.02
         args.aaren_steps, args.dt_steps, args.memory_budget_s = 2000, 200, 10.0
