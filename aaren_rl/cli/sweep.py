@@ -303,8 +303,15 @@ def run(args: argparse.Namespace) -> int:
         for i, (step, members) in enumerate(groups):
             print(f"group {i + 1}/{len(groups)}: training {len(members)} runs", flush=True)
             t = time.perf_counter()
-            train_group(members, resume=step > 0, progress=not args.no_progress, final_eval=False,
-                        eval_workers=spec.get("eval_workers"))
+            if members[0].model_config.context == "segment":  # not batched in groups yet: one at a time
+                from aaren_rl.train import train
+
+                for run_ in members:  # train() evaluates at the end itself, with the same seed rule
+                    train(run_.model_config, run_.config, run_.dataset, run_.logdir, resume=step > 0,
+                          progress=not args.no_progress)
+            else:
+                train_group(members, resume=step > 0, progress=not args.no_progress, final_eval=False,
+                            eval_workers=spec.get("eval_workers"))
             print(f"group {i + 1}/{len(groups)}: trained in {time.perf_counter() - t:.0f} s", flush=True)
             submit(members)
             collect(block=False)
