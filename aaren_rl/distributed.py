@@ -82,17 +82,20 @@ def device_for(name: str, local_rank: int, local_world_size: int) -> torch.devic
     return torch.device("cuda", local_rank)
 
 
-def init_from_env(device_name: str) -> tuple[Ranks, torch.device]:
-    """Join the process group torchrun describes; the ranks and this rank's device."""
+def init_from_env(device_name: str, backend: str | None = None, timeout: timedelta = TIMEOUT) -> tuple[Ranks, torch.device]:
+    """Join the process group torchrun describes; the ranks and this rank's device. ``backend``:
+    default NCCL on CUDA, gloo on the CPU; a sweep, whose processes only wait for each other,
+    takes gloo with a long ``timeout`` on either."""
     rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
     local_world = _env_int("LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in os.environ else world
     device = device_for(device_name, local, local_world)
     if device.type == "cuda":
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (docs/distributed.md)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=TIMEOUT, device_id=device)
+    if (backend or ("nccl" if device.type == "cuda" else "gloo")) == "nccl":
+        dist.init_process_group("nccl", timeout=timeout, device_id=device)
     else:
-        dist.init_process_group("gloo", timeout=TIMEOUT)
+        dist.init_process_group("gloo", timeout=timeout)
     return Ranks(rank, world, local), device
 
 

@@ -95,6 +95,9 @@ def group_key(run: Run) -> str:
 def check_group(runs: list[Run]) -> None:
     if not runs:
         raise ValueError("a group needs at least one run")
+    if runs[0].model_config.context == "segment":
+        raise ValueError(f"run {runs[0].name!r}: context 'segment' (segments from prefix states) does not train in "
+                         "groups yet; train its seeds one at a time (aaren-rl train --seed N)")
     keys = [group_key(r) for r in runs]
     for r, k in zip(runs, keys):
         if k != keys[0]:

@@ -317,7 +317,7 @@ class Aaren(nn.Module):
             pad = padding_mask.unsqueeze(1)  # (B, 1, t)
             s = s.masked_fill(pad, NEG_INF)
             v = v.masked_fill(pad.unsqueeze(-1), 0.0)
-        u = torch.ones_like(s) if padding_mask is None else (~padding_mask).unsqueeze(1).to(s.dtype)
+        u = torch.ones_like(s) if padding_mask is None else torch.ones_like(s).masked_fill(padding_mask.unsqueeze(1), 0.0)
         if s.shape[-1] == 1:
             pm, pu, pw = s, u, v
         else:

@@ -34,8 +34,11 @@ class ModelConfig:
     embed_dim: int = 128
     n_head: int = 1
     dropout: float = 0.1
-    context: str = "window"  # training context: "window": K-step windows (DT); "episode": whole episodes from t = 0
-    context_len: int = 20  # K, timesteps per training window (window context only)
+    # training context: "window": K-step windows (DT); "episode": whole episodes from t = 0;
+    # "segment" (Aaren): K-step segments that start from the exact state of their episode's
+    # earlier steps (computed without gradient), so training sees the contexts the stream acts in
+    context: str = "window"
+    context_len: int = 20  # K, timesteps per training window or segment
     max_timestep: int = 1000  # size of the timestep embedding; later timesteps share the last row
     return_scale: float = 1000.0  # returns-to-go are divided by this (DT: 1000 for MuJoCo)
     # filled in from the dataset
@@ -48,7 +51,7 @@ class ModelConfig:
     def validate(self) -> "ModelConfig":
         checks = {
             "backbone": self.backbone in ("aaren", "transformer"),
-            "context": self.context in ("window", "episode"),
+            "context": self.context in ("window", "episode") or (self.context == "segment" and self.backbone == "aaren"),
             "n_layer": self.n_layer > 0,
             "embed_dim": self.embed_dim > 0 and self.n_head > 0 and self.embed_dim % self.n_head == 0,
             "dropout": 0.0 <= self.dropout < 1.0,
@@ -60,7 +63,8 @@ class ModelConfig:
             "action_low": self.discrete or len(self.action_low) == len(self.action_high) == self.action_dim,
         }
         expected = {
-            "backbone": "'aaren' or 'transformer'", "context": "'window' or 'episode'",
+            "backbone": "'aaren' or 'transformer'",
+            "context": "'window' or 'episode', or 'segment' with backbone 'aaren'",
             "embed_dim": "a positive multiple of n_head", "dropout": "in [0, 1)",
             "action_low": "action_low and action_high with action_dim entries each",
         }
@@ -142,18 +146,39 @@ class DecisionModel(nn.Module):
         return out if self.config.discrete else torch.tanh(out)
 
     # -- parallel form (training) -----------------------------------------------------------
-    def forward(self, returns_to_go: Tensor, observations: Tensor, actions: Tensor, timesteps: Tensor,
-                padding_mask: Tensor | None = None) -> Tensor:
-        """All inputs in model units, (B, T[, dim]); returns predicted a_t for every t: (B, T, action_dim)."""
+    def tokens(self, returns_to_go: Tensor, observations: Tensor, actions: Tensor, timesteps: Tensor) -> Tensor:
+        """(B, T[, dim]) model-unit inputs -> the embedded token sequence (B, 3T, E): R_1, s_1, a_1, R_2, ..."""
         B, T = timesteps.shape
-        tokens = torch.stack([
+        return torch.stack([
             self.embed(R, returns_to_go, timesteps),
             self.embed(S, observations, timesteps),
             self.embed(A, actions, timesteps),
-        ], dim=2).reshape(B, 3 * T, -1)  # (B, 3T, E): R_1, s_1, a_1, R_2, ...
+        ], dim=2).reshape(B, 3 * T, -1)
+
+    def forward(self, returns_to_go: Tensor, observations: Tensor, actions: Tensor, timesteps: Tensor,
+                padding_mask: Tensor | None = None, state: list | None = None) -> Tensor:
+        """All inputs in model units, (B, T[, dim]); returns predicted a_t for every t: (B, T, action_dim).
+
+        ``state`` (per-layer backbone states, e.g. from ``prefix_state``): the tokens continue that
+        state (the recurrent form over a chunk: every output is the same function of everything
+        folded so far) instead of starting empty."""
         mask = None if padding_mask is None else padding_mask.repeat_interleave(3, dim=1)  # (B, 3T)
-        h = self.backbone(self.embed_ln(tokens), padding_mask=mask)
+        x = self.embed_ln(self.tokens(returns_to_go, observations, actions, timesteps))
+        if state is None:
+            h = self.backbone(x, padding_mask=mask)
+        else:
+            h, _ = self.backbone.step(x, state, padding_mask=mask)
         return self.action_output(h[:, S::3])  # outputs at the s_t tokens
+
+    def prefix_state(self, returns_to_go: Tensor, observations: Tensor, actions: Tensor, timesteps: Tensor,
+                     padding_mask: Tensor | None = None) -> list:
+        """The backbone state after folding in every (R, s, a) of the given steps (padding changes
+        nothing): what a streaming policy holds when the next step begins."""
+        B = timesteps.shape[0]
+        mask = None if padding_mask is None else padding_mask.repeat_interleave(3, dim=1)
+        x = self.embed_ln(self.tokens(returns_to_go, observations, actions, timesteps))
+        _, state = self.backbone.step(x, self.backbone.init_state(B, device=x.device), padding_mask=mask)
+        return state
 
     def loss(self, pred: Tensor, actions: Tensor, padding_mask: Tensor | None) -> Tensor:
         """MSE (continuous, in [-1, 1] units) or cross-entropy (discrete) over real timesteps."""

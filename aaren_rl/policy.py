@@ -91,7 +91,7 @@ class StreamingPolicy:
 
         if mode is None:  # Aaren always streams; a Transformer trained on windows recomputes them
             c = model.config
-            mode = "recurrent" if (c.backbone == "aaren" or c.context == "episode") else "window"
+            mode = "recurrent" if (c.backbone == "aaren" or c.context != "window") else "window"
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "sliding" and model.config.backbone != "transformer":

@@ -2,7 +2,9 @@
 
 Decision Transformer's recipe: AdamW with linear warm-up, gradient clipping, dropout, MSE on
 actions (cross-entropy for discrete actions). ``context="window"`` samples K-step windows as DT
-does; ``context="episode"`` samples whole episodes from t = 0 and trains every prefix in one
+does; ``context="segment"`` samples K-step segments the same way, each starting from the state of
+its episode's earlier steps (folded without gradient, with the current weights: the context the
+streaming policy acts in); ``context="episode"`` samples whole episodes from t = 0 and trains every prefix in one
 parallel pass (the Aaren scan), which is what the recurrent policy sees when it acts.
 
 Speed (``TrainConfig.compile``): at DT's size a step is a few hundred small kernels, so on a GPU
@@ -206,17 +208,25 @@ class UpdateStep:
         self._warmed = 0
         self._side_stream = None
 
-    def _forward_loss(self, batch):
+    def _forward_loss(self, batch, prefix=None):
         model = self.model
         actions = model.normalize_action(batch.actions)
         # autocast's cache of cast weights would live outside the graph's memory: off when graphed
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=not self.graphed):
-            pred = self.forward_module(batch.returns_to_go, batch.observations, actions, batch.timesteps, batch.padding_mask)
+            state = None
+            if prefix is not None:  # segment context: the exact state of the steps before, without gradient
+                with torch.no_grad():
+                    state = model.prefix_state(prefix.returns_to_go, prefix.observations,
+                                               model.normalize_action(prefix.actions), prefix.timesteps,
+                                               prefix.padding_mask)
+            pred = self.forward_module(batch.returns_to_go, batch.observations, actions, batch.timesteps,
+                                       batch.padding_mask, state=state)
         return model.loss(pred.float(), actions, batch.padding_mask)
 
     def _update(self):
         batch = self.sample_batch()
-        loss = self.forward_loss(batch)
+        batch, prefix = batch if isinstance(batch, tuple) else (batch, None)  # segments come with prefixes
+        loss = self.forward_loss(batch, prefix)
         if self.world_size > 1:  # the global batch's mean loss, whatever each rank's padding
             loss = loss * distributed.rank_loss_weight(batch.padding_mask, self.world_size)
         self.optimizer.zero_grad(set_to_none=True)
@@ -319,6 +329,9 @@ def make_update_step(model_config: ModelConfig, config: TrainConfig, dataset: Tr
     def sample_batch():
         if model_config.context == "window":
             return dataset.sample_windows(batch_size, model_config.context_len, gen)
+        if model_config.context == "segment":  # (segments, prefixes)
+            prefix = None if max_len is None else max(max_len - 1, 1)
+            return dataset.sample_segments(batch_size, model_config.context_len, gen, max_prefix=prefix)
         return dataset.sample_episodes(batch_size, gen, max_len=max_len)
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank

@@ -49,8 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
     p.add_argument("--set", nargs="+", default=[], help="preset overrides for every agent (SECTION.KEY=VALUE), "
                                                         "after --demo-settings (default: none)")
-    p.add_argument("--table-from", metavar="COMPARE.json", default=None,
-                   help="print the table of a saved compare.json and stop (default: train and evaluate)")
+    p.add_argument("--table-from", metavar="COMPARE.json", nargs="+", default=None,
+                   help="print the table of saved compare.json files (their rows pooled) and stop "
+                        "(default: train and evaluate)")
     args = p.parse_args(argv)
     if not args.table_from and not (args.datasets and args.env):
         p.error("--datasets and --env are required (unless --table-from)")
@@ -96,10 +97,13 @@ def main(argv=None) -> int:
     if args.table_from:
         import json
 
-        try:
-            print(table(json.loads(Path(args.table_from).read_text())["rows"]))
-        except (OSError, ValueError, KeyError) as e:
-            sys.exit(f"error: cannot read {args.table_from}: {e}")
+        rows = []
+        for path in args.table_from:
+            try:
+                rows += json.loads(Path(path).read_text())["rows"]
+            except (OSError, ValueError, KeyError) as e:
+                sys.exit(f"error: cannot read {path}: {e}")
+        print(table(rows))
         return 0
     env = resolve_env(args.env)
     target = float(env["target_returns"][0])

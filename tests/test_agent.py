@@ -196,3 +196,72 @@ def test_reset_then_predict_with_either_backend():
         a1, state = policy.predict(obs[1:2], state, reward=rewards[:1])
         want = streamed_actions(StreamingPolicy(make_model(), 2.0, backend="torch"), obs[:2], [a0[0], a1[0]], rewards)
         assert np.abs(np.stack([a0[0], a1[0]]) - want).max() <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# segment context: K-step segments that continue the exact state of their episode's earlier steps
+
+
+def uneven_dataset(seed=0, lengths=(30, 45, 12, 60), obs_dim=3, act_dim=2):
+    from aaren_rl.data import Episode, TrajectoryDataset
+
+    rng = np.random.default_rng(seed)
+    eps = [Episode(observations=rng.normal(size=(T, obs_dim)).astype(np.float32),
+                   actions=rng.uniform(-1, 1, size=(T, act_dim)).astype(np.float32),
+                   rewards=rng.normal(size=T).astype(np.float32), truncated=True) for T in lengths]
+    return TrajectoryDataset(eps, action_low=-np.ones(act_dim), action_high=np.ones(act_dim), name=f"u{seed}")
+
+
+def test_segments_start_where_their_prefixes_end():
+    ds = uneven_dataset()
+    seg, pre = ds.sample_segments(32, 8, torch.Generator().manual_seed(0))
+    P = (~pre.padding_mask).sum(1)
+    assert torch.equal(seg.timesteps[:, 0], P)  # a segment at t starts after its t earlier steps
+    for b in range(32):  # the prefix is the episode from t = 0, right-padded
+        assert torch.equal(pre.timesteps[b, :P[b]], torch.arange(int(P[b])))
+    assert pre.padding_mask.shape[1] == max(int(P.max()), 1)
+    seg, pre = ds.sample_segments(32, 8, torch.Generator().manual_seed(0), max_prefix=5)
+    assert pre.padding_mask.shape[1] == 5 and (~pre.padding_mask).sum(1).max() <= 5
+    keep = (~pre.padding_mask).sum(1)
+    assert all(pre.timesteps[b, keep[b] - 1] == seg.timesteps[b, 0] - 1 for b in range(32) if keep[b])
+
+
+@pytest.mark.parametrize("n_head", [1, 2])
+def test_a_segment_from_its_prefix_state_equals_the_whole_sequence(n_head):
+    """forward(segment, state=prefix_state(prefix)) is the parallel forward over prefix + segment
+    at the segment's steps: training sees exactly what the streaming policy computes."""
+    ds = uneven_dataset()
+    model = make_model("aaren", "segment", obs_dim=3, act_dim=2, n_head=n_head).eval()
+    seg, pre = ds.sample_segments(12, 8, torch.Generator().manual_seed(1))
+    act = lambda b: model.normalize_action(b.actions)
+    with torch.no_grad():
+        state = model.prefix_state(pre.returns_to_go, pre.observations, act(pre), pre.timesteps, pre.padding_mask)
+        got = model(seg.returns_to_go, seg.observations, act(seg), seg.timesteps, seg.padding_mask, state=state)
+        for b in range(12):
+            P, S = int((~pre.padding_mask[b]).sum()), int((~seg.padding_mask[b]).sum())
+            cat = lambda f: torch.cat([getattr(pre, f)[b, :P], getattr(seg, f)[b, :S]])[None]
+            whole = model(cat("returns_to_go"), cat("observations"), model.normalize_action(cat("actions")),
+                          cat("timesteps"))
+            torch.testing.assert_close(got[b, :S], whole[0, P:], rtol=1e-5, atol=1e-6)
+    assert StreamingPolicy(model, 0.0).mode == "recurrent"
+
+
+def test_segment_context_is_aaren_only():
+    with pytest.raises(ValueError, match="bad context"):
+        ModelConfig(backbone="transformer", context="segment", observation_dim=3, action_dim=1, action_low=[-1],
+                    action_high=[1]).validate()
+
+
+def test_segment_training_learns():
+    from aaren_rl.train import TrainConfig, make_update_step, model_config_for
+
+    ds = uneven_dataset()
+    mc = model_config_for(ds, backbone="aaren", context="segment", context_len=6, n_layer=1, embed_dim=16,
+                          n_head=2, dropout=0.0)
+    update = make_update_step(mc, TrainConfig(batch_size=8, warmup_steps=1, learning_rate=3e-3, seed=0, device="cpu",
+                                              compile="none"), ds)
+    losses = []
+    for _ in range(60):
+        update()
+        losses.append(update.pop_mean_loss())
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])

@@ -158,3 +158,20 @@ def test_the_ddp_benchmark_times_one_and_two_gloo_processes(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["nprocs"], r["batch_per_rank"], r["status"]) for r in rows] == [(1, 4, "ok"), (2, 2, "ok")]
     assert all(r["updates_per_s"] > 0 for r in rows) and "| processes |" in done.stdout
+
+
+def test_a_sweep_under_torchrun_spreads_its_groups_over_the_processes(dataset_file, tmp_path):
+    """Two processes (gloo on the CPU, as one process per GPU would run): the two agents' groups
+    train one in each process, and rank 0 writes the summary of all runs."""
+    out = tmp_path / "sweep"
+    sets = ["model.embed_dim=16", "model.n_layer=1", "train.batch_size=4", "train.log_every=2", "train.warmup_steps=2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "aaren_rl",
+           "sweep", "--agents", "decision_aaren", "decision_transformer", "--datasets", str(dataset_file),
+           "--seeds", "0", "1", "--updates", "3", "--eval-episodes", "1", "--eval-workers", "1", "--device", "cpu",
+           "--threads", "1", "--out", str(out), "--no-progress", "--set", *sets]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "[rank 0] group 1/2" in res.stdout and "[rank 1] group 2/2" in res.stdout
+    rows = __import__("json").loads((out / "sweep.json").read_text())["runs"]
+    assert len(rows) == 4 and all(r["status"] == "done" for r in rows)

@@ -282,6 +282,17 @@ set = {json.dumps(TINY)}
     assert "from update 4" in capsys.readouterr().out
 
 
+def test_sweep_trains_segment_runs_one_at_a_time(tmp_path, pendulum_files, capsys):
+    out = tmp_path / "seg"
+    assert main(["sweep", "--agents", "decision_aaren_segment", "--datasets", str(pendulum_files[0]), "--seeds", "0", "1",
+                 "--updates", "3", "--eval-episodes", "1", "--eval-workers", "1", "--out", str(out), "--no-progress",
+                 "--set", *TINY]) == 0
+    rows = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [r["status"] for r in rows] == ["done", "done"] and all(r["mode"] == "recurrent" for r in rows)
+    with pytest.raises(ValueError, match="does not train in groups"):
+        check_group([Run(model_config_for(uneven_dataset(0), context="segment"), config(0), uneven_dataset(0), "a")])
+
+
 def test_sweep_spec_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("agents = ['decision_aaren']\nwhatever = 1\n")

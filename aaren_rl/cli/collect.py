@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--episodes", type=int, help=f"episodes per rolled-out tier (at least) {PRESET_DEFAULT}")
     p.add_argument("--tier-steps", type=int, help=f"steps per rolled-out tier (at least) {PRESET_DEFAULT}")
     p.add_argument("--ref-episodes", type=int, help="episodes for ref_min/ref_max (default: the preset's, else 100)")
+    p.add_argument("--expert", choices=["best", "final"], default=None,
+                   help="the expert policy: best (the checkpoint or final policy with the highest evaluated "
+                        "return) or final (the last policy, as D4RL) (default: the preset's, else best)")
     p.add_argument("--seed", type=int, help="seed of the learner, the rollouts and the references (default: 0)")
     p.add_argument("--out", default="data", help="folder for policies, HDF5 files and reports (default: data)")
     p.add_argument("--hdf5", action="store_true", help="also write D4RL-format HDF5 files")
@@ -77,7 +80,7 @@ def config_for(name: str, args: argparse.Namespace):
     overrides = {"library": args.library, "algorithm": args.algorithm,
                  "tiers": args.tiers, "steps": args.steps, "episodes": args.episodes,
                  "tier_steps": args.tier_steps, "ref_episodes": args.ref_episodes,
-                 "seed": args.seed}
+                 "seed": args.seed, "expert": args.expert}
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if "tiers" in settings:
         settings["tiers"] = tuple(settings["tiers"])

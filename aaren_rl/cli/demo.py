@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # agent so that the comparison stays fair. A batch holds about 800 timesteps in either context.
 DEMO_MODEL = {"embed_dim": 64}
 DEMO_TRAIN = {"warmup_steps": 200, "learning_rate": 1e-3, "log_every": 50}
-DEMO_BATCH = {"window": 40, "episode": 4}
+DEMO_BATCH = {"window": 40, "segment": 40, "episode": 4}
 
 # The evaluation protocol, shared with scripts/compare.py so that their numbers can be pooled:
 # episodes seeded from EVAL_SEED + the training seed, the env preset's first target return, and

@@ -229,14 +229,40 @@ def read_spec(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    """One process, or (under torchrun) one process per GPU, each training every N-th group on its
+    own GPU: ``torchrun --standalone --nproc_per_node=N -m aaren_rl sweep SPEC`` (docs/distributed.md)."""
+    from aaren_rl import distributed
+
+    spec = read_spec(args)
+    if not distributed.launched_by_torchrun():
+        return _run(args, spec)
+    if str(spec["device"]) not in ("auto", "cuda", "cpu"):
+        raise SystemExit(f"error: device {spec['device']!r} under torchrun: each process takes the GPU of its local "
+                         "rank; give auto, cuda or cpu (choose the GPUs with CUDA_VISIBLE_DEVICES)")
+    try:
+        from datetime import timedelta
+
+        # the processes only wait for each other at the end: gloo, and a timeout longer than any sweep
+        ranks, device = distributed.init_from_env(str(spec["device"]), backend="gloo", timeout=timedelta(days=30))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    try:
+        return _run(args, spec, ranks, device)
+    finally:
+        distributed.destroy()
+
+
+def _run(args: argparse.Namespace, spec: dict, ranks=None, device=None) -> int:
     import torch
 
+    from aaren_rl import distributed
     from aaren_rl.output import write_json
     from aaren_rl.group import evaluate_job, evaluation_jobs, record_evaluation, train_group
 
+    ranks = ranks or distributed.Ranks()
+    say = print if ranks.is_main else (lambda *a, **k: None)
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = read_spec(args)
     out = Path(spec["out"])
     train_args = _train_args(argparse.Namespace(), set=spec["set"], updates=spec.get("updates"), device=spec["device"],
                              eval_episodes=spec["eval_episodes"], eval_every=0)
@@ -247,14 +273,23 @@ def run(args: argparse.Namespace) -> int:
             zip(runs, [(a, d, s) for a, d in pairs for s in spec["seeds"]])}
     groups = plan_groups(runs, spec["max_group"])
     status = {r.logdir: run_status(r, spec) for r in runs}
-    print(f"sweep {out}: {len(runs)} runs; done {sum(s == 'done' for s, _ in status.values())}, "
+    say(f"sweep {out}: {len(runs)} runs; done {sum(s == 'done' for s, _ in status.values())}, "
           f"partial {sum(s == 'partial' for s, _ in status.values())}; {len(groups)} group(s) to train")
     for i, (step, members) in enumerate(groups):
         agents = sorted({meta[r.logdir][0] for r in members})
-        print(f"  group {i + 1}: {len(members)} runs of {', '.join(agents)} from update {step} "
+        say(f"  group {i + 1}: {len(members)} runs of {', '.join(agents)} from update {step} "
               f"({', '.join(str(r.logdir.relative_to(out)) for r in members[:4])}{' ...' if len(members) > 4 else ''})")
     if args.dry_run:
         return 0
+    if ranks.active:  # every rank made the same plan: rank r trains groups r, r + N, ... on its own GPU
+        if any(m.model_config.context == "segment" for _, ms in groups for m in ms):
+            raise SystemExit("error: segment-context agents train one run at a time and do not run in a sweep under "
+                             "torchrun yet; sweep them in one process")
+        say(f"{ranks.world_size} processes: process r trains groups r, r + {ranks.world_size}, ... "
+            f"(this one: {device})")
+        mine = list(range(ranks.rank, len(groups), ranks.world_size))
+    else:
+        mine = list(range(len(groups)))
 
     def write_summary():
         rows = []
@@ -280,7 +315,10 @@ def run(args: argparse.Namespace) -> int:
 
     # evaluations of a finished group run in other processes while the next group trains
     pending = []
-    with ProcessPoolExecutor(spec.get("eval_workers") or None, mp_context=mp.get_context("spawn")) as pool:
+    import os
+
+    workers = spec.get("eval_workers") or max(1, (os.cpu_count() or 1) // ranks.world_size)  # the cores, shared
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
         def submit(members):
             for run_ in members:
                 for _, job in evaluation_jobs([run_], run_.config.updates):
@@ -298,20 +336,33 @@ def run(args: argparse.Namespace) -> int:
                     record_evaluation(run_, {**fut.result(), "folder": job["folder"]}, run_.config.updates, key=key)
                     pending.remove(item)
 
-        submit([r for r in runs if run_status(r, spec)[0] == "trained"])  # trained earlier, never evaluated
+        trained = [r for r in runs if run_status(r, spec)[0] == "trained"]  # trained earlier, never evaluated
+        submit(trained[ranks.rank::ranks.world_size])
         t0 = time.perf_counter()
-        for i, (step, members) in enumerate(groups):
-            print(f"group {i + 1}/{len(groups)}: training {len(members)} runs", flush=True)
+        tag = f"[rank {ranks.rank}] " if ranks.active else ""
+        for i in mine:
+            step, members = groups[i]
+            print(f"{tag}group {i + 1}/{len(groups)}: training {len(members)} runs", flush=True)
             t = time.perf_counter()
-            train_group(members, resume=step > 0, progress=not args.no_progress, final_eval=False,
-                        eval_workers=spec.get("eval_workers"))
-            print(f"group {i + 1}/{len(groups)}: trained in {time.perf_counter() - t:.0f} s", flush=True)
+            if members[0].model_config.context == "segment":  # not batched in groups yet: one at a time
+                from aaren_rl.train import train
+
+                for run_ in members:  # train() evaluates at the end itself, with the same seed rule
+                    train(run_.model_config, run_.config, run_.dataset, run_.logdir, resume=step > 0,
+                          progress=not args.no_progress)
+            else:
+                train_group(members, resume=step > 0, progress=not args.no_progress and ranks.is_main,
+                            final_eval=False, eval_workers=workers, device=str(device) if device else None)
+            print(f"{tag}group {i + 1}/{len(groups)}: trained in {time.perf_counter() - t:.0f} s", flush=True)
             submit(members)
             collect(block=False)
-            write_summary()
-        print(f"waiting for {len(pending)} evaluation(s)", flush=True)
+            if not ranks.active:
+                write_summary()
+        print(f"{tag}waiting for {len(pending)} evaluation(s)", flush=True)
         collect(block=True)
-    write_summary()
-    done = sum(run_status(r, spec)[0] == "done" for r in runs)
-    print(f"sweep {out}: {done}/{len(runs)} runs done in {time.perf_counter() - t0:.0f} s; summary {out / 'sweep.json'}")
+    distributed.barrier()  # every rank's runs are on disk before rank 0 sums them up
+    if ranks.is_main:
+        write_summary()
+        done = sum(run_status(r, spec)[0] == "done" for r in runs)
+        print(f"sweep {out}: {done}/{len(runs)} runs done in {time.perf_counter() - t0:.0f} s; summary {out / 'sweep.json'}")
     return 0

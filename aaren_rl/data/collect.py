@@ -4,9 +4,12 @@ One call to :func:`collect` does what D4RL did for its MuJoCo datasets:
 
 1. train an SB3 agent (PPO with vectorized envs by default), recording every transition it sees
    and saving a checkpoint every ``steps / checkpoints`` steps;
-2. measure the reference returns: ``ref_min`` = a uniform random policy, ``ref_max`` = the final
-   (expert) policy, each the mean over ``ref_episodes`` episodes;
-3. evaluate the checkpoints and pick as *medium* the one whose return is closest to one third of
+2. evaluate every checkpoint and the final policy on ``checkpoint_eval_episodes`` episodes; the
+   *expert* is the best of them (``expert="best"``: off-policy learners such as TQC swing by
+   thousands of return between checkpoints late in training) or the final policy
+   (``expert="final"``, as D4RL's 1M-step SAC experts were);
+3. measure the reference returns: ``ref_min`` = a uniform random policy, ``ref_max`` = the
+   expert, each the mean over ``ref_episodes`` episodes; pick as *medium* the checkpoint whose return is closest to one third of
    the way from random to expert, ``ref_min + (ref_max - ref_min) / 3`` (a normalized score of
    33; D4RL's "a third of the expert's performance", stated so that it also works for negative
    returns such as Pendulum's);
@@ -82,6 +85,7 @@ class CollectConfig:
     ref_episodes: int = 100  # episodes averaged for ref_min_score / ref_max_score
     deterministic: bool = False  # act with the policy's mean action (else sample, as D4RL did)
     medium_fraction: float = 1 / 3
+    expert: str = "best"  # "best": the best-evaluated checkpoint (or final policy); "final": the final policy
     check_references: bool = True  # refuse to write datasets whose expert is no better than random
     rollout_envs: int = 10
     hdf5: bool = False
@@ -477,9 +481,25 @@ def collect(cfg: CollectConfig) -> dict:
     report.update(info)
     report["trained_steps"] = checkpoints[-1][0]  # SB3 rounds up to whole rollouts
     policy = lambda path: load_policy(path, cfg.algorithm, cfg.env_id, cfg.deterministic, cfg.library)
-    expert_step, expert_path = checkpoints[-1]
 
-    # 2. references
+    # 2. every checkpoint (and the final policy) evaluated; the expert
+    if cfg.expert not in ("best", "final"):
+        raise CollectError(f"expert must be 'best' or 'final', got {cfg.expert!r}")
+    evals = []
+    for step, path in tqdm(checkpoints, desc=f"{cfg.name}: evaluate checkpoints", leave=False):
+        eps = _evaluate(cfg, policy(path), cfg.checkpoint_eval_episodes,
+                        cfg.seed + SEED_OFFSETS["checkpoints"])
+        evals.append({"step": step, "path": str(path), **_stats(eps)})
+    report["checkpoints"] = evals[:-1]
+    report["final_eval"] = evals[-1]
+    chosen = max(evals, key=lambda e: e["return_mean"]) if cfg.expert == "best" else evals[-1]
+    expert_step, expert_path = chosen["step"], Path(chosen["path"])
+    report["expert"] = {"rule": ("the checkpoint or final policy with the highest mean return over "
+                                 f"{cfg.checkpoint_eval_episodes} episodes" if cfg.expert == "best" else "the final policy"),
+                        "step": expert_step, "eval_return_mean": chosen["return_mean"],
+                        "final_step": evals[-1]["step"], "final_eval_return_mean": evals[-1]["return_mean"]}
+
+    # 3. references, and the medium checkpoint
     ref_min_eps = _evaluate(cfg, random_policy(cfg.env_id, cfg.seed + SEED_OFFSETS["ref_min"]),
                             cfg.ref_episodes, cfg.seed + SEED_OFFSETS["ref_min"], "ref_min (random)")
     ref_max_eps = _evaluate(cfg, policy(expert_path), cfg.ref_episodes,
@@ -494,22 +514,15 @@ def collect(cfg: CollectConfig) -> dict:
             f"returns {ref_max:.1f}, no better than the random policy's {ref_min:.1f}, so normalized "
             f"scores would be meaningless; no dataset written. Train longer (a larger --steps "
             f"continues this learner) or change the learner's settings")
-
-    # 3. the medium checkpoint
     target = ref_min + cfg.medium_fraction * (ref_max - ref_min)
-    evals = []
-    for step, path in tqdm(checkpoints[:-1], desc=f"{cfg.name}: evaluate checkpoints", leave=False):
-        eps = _evaluate(cfg, policy(path), cfg.checkpoint_eval_episodes,
-                        cfg.seed + SEED_OFFSETS["checkpoints"])
-        evals.append({"step": step, "path": str(path), **_stats(eps)})
-    report["checkpoints"] = evals
-    medium = min(evals, key=lambda e: abs(e["return_mean"] - target)) if evals else \
+    before = [e for e in evals if e["step"] < expert_step]  # medium-replay: the learner's data up to it
+    medium = min(before, key=lambda e: abs(e["return_mean"] - target)) if before else \
         {"step": expert_step, "path": str(expert_path), "return_mean": ref_max}
     shutil.copy(medium["path"], folder / "policies" / "medium.zip")
     if cfg.normalize:
         shutil.copy(_vecnormalize_path(Path(medium["path"])),
                     _vecnormalize_path(folder / "policies" / "medium.zip"))
-    report["medium"] = {"rule": f"checkpoint whose mean return is closest to ref_min + "
+    report["medium"] = {"rule": f"checkpoint before the expert whose mean return is closest to ref_min + "
                                 f"{cfg.medium_fraction:.3g} * (ref_max - ref_min)",
                         "target_return": target, "step": medium["step"],
                         "eval_return_mean": medium["return_mean"]}
@@ -607,7 +620,7 @@ def summary(cfg: CollectConfig, report: dict) -> dict:
         "tiers": tiers, "learner": learner, "settings": settings,
         "steps": report["trained_steps"], "train_seconds": report["train_seconds"],
         "total_seconds": report["total_seconds"], "training_sessions": report["sessions"],
-        "medium": report["medium"], "machine": report["machine"],
+        "medium": report["medium"], "expert": report.get("expert"), "machine": report["machine"],
     }
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .sampling import Batch, FlatEpisodes, sample_episodes, sample_windows
+from .sampling import Batch, FlatEpisodes, sample_episodes, sample_segments, sample_windows
 
 HDF5_REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
 OBS_STD_FLOOR = 1e-6
@@ -202,6 +202,10 @@ class TrajectoryDataset:
     def sample_episodes(self, batch_size: int, generator: torch.Generator | None = None,
                         max_len: int | None = None) -> Batch:
         return sample_episodes(self.flat, batch_size, generator, max_len)
+
+    def sample_segments(self, batch_size: int, K: int, generator: torch.Generator | None = None,
+                        max_prefix: int | None = None) -> tuple[Batch, Batch]:
+        return sample_segments(self.flat, batch_size, K, generator, max_prefix)
 
 
 # ---------------------------------------------------------------------------------- loading

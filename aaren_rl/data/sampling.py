@@ -138,3 +138,29 @@ def sample_episodes(flat: FlatEpisodes, batch_size: int, generator: torch.Genera
     L = max_len if max_len is not None else int(length.max())
     valid = torch.arange(L, device=device) < length[:, None]  # (B, L)
     return flat.gather(flat.episode_start[e], valid)
+
+
+def sample_segments(flat: FlatEpisodes, batch_size: int, K: int, generator: torch.Generator | None = None,
+                    max_prefix: int | None = None) -> tuple[Batch, Batch]:
+    """K-step segments drawn as ``sample_windows`` draws windows, each with its *prefix*: the steps
+    of its episode before it (from t = 0), right-padded to the longest prefix in the batch (or to
+    ``max_prefix`` steps: one shape for compiled code and CUDA graphs; longer prefixes keep their
+    last ``max_prefix`` steps). Returns (segments, prefixes)."""
+    _check_positive("batch_size", batch_size)
+    _check_positive("K", K)
+    device = flat.rewards.device
+    i = _randint(flat.num_steps, batch_size, generator, device)
+    episode = flat.step_episode[i]
+    start = flat.episode_start[episode]
+    end = start + flat.episode_length[episode]  # one past the last step
+    valid = (i[:, None] + torch.arange(K, device=device)) < end[:, None]  # (B, K)
+    P = i - start  # prefix lengths
+    if max_prefix is None:
+        P_max = max(int(P.max()), 1)  # a host sync: eager training only
+    else:
+        _check_positive("max_prefix", max_prefix)
+        P_max = max_prefix
+        start = torch.maximum(start, i - P_max)
+        P = i - start
+    prefix_valid = torch.arange(P_max, device=device) < P[:, None]  # (B, P_max)
+    return flat.gather(i, valid), flat.gather(start, prefix_valid)
