@@ -44,7 +44,7 @@ from .blocks import KVCache
 from .layer import AarenState
 from .model import DecisionModel, sliding_window
 from .output import write_json
-from .policy import MODES
+from .policy import MODES, default_mode
 
 from .runtime import FORMAT, SPEC_FILE, TOKEN_INPUTS
 
@@ -55,12 +55,6 @@ WINDOW_KEYS = ("returns_to_go", "observations", "actions", "timesteps", "padding
 
 def _isneginf(g, x):  # the scan's combine tests for an empty state with isneginf: ONNX's IsInf
     return g.op("IsInf", x, detect_negative_i=1, detect_positive_i=0)
-
-
-def default_mode(model: DecisionModel) -> str:
-    """The mode ``StreamingPolicy`` picks for ``model``."""
-    c = model.config
-    return "recurrent" if (c.backbone == "aaren" or c.context == "episode") else "window"
 
 
 class StepModule(nn.Module):
@@ -177,7 +171,7 @@ def export_policy(model: DecisionModel, out_dir: str | os.PathLike, target_retur
     if out_dir.exists() and not (out_dir / SPEC_FILE).exists():
         if not out_dir.is_dir() or any(out_dir.iterdir()):
             raise ValueError(f"--out {out_dir} exists and is not an exported policy folder; choose another")
-    mode = mode or default_mode(model)
+    mode = mode or default_mode(model.config)
     step = StepModule(model.to("cpu", torch.float32).eval(), mode)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))

@@ -43,6 +43,12 @@ MODES = ("recurrent", "window", "sliding")
 MAX_INPUT = 1e15
 
 
+def default_mode(config) -> str:
+    """The mode a policy acts in unless told: Aaren always streams; a Transformer trained on
+    windows recomputes them, one trained on whole episodes keeps a growing cache."""
+    return "recurrent" if (config.backbone == "aaren" or config.context != "window") else "window"
+
+
 @dataclass
 class AarenMemory:
     """An Aaren backbone's recurrent state for n environments, every layer stacked:
@@ -89,9 +95,8 @@ class StreamingPolicy:
         (``aaren_rl.backends``)."""
         from .backends import make_backend
 
-        if mode is None:  # Aaren always streams; a Transformer trained on windows recomputes them
-            c = model.config
-            mode = "recurrent" if (c.backbone == "aaren" or c.context != "window") else "window"
+        if mode is None:
+            mode = default_mode(model.config)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "sliding" and model.config.backbone != "transformer":
