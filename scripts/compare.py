@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--table-from", metavar="COMPARE.json", nargs="+", default=None,
                    help="print the table of saved compare.json files (their rows pooled) and stop "
                         "(default: train and evaluate)")
+    p.add_argument("--json", default=None, help="with --table-from: also write the pooled rows to this file "
+                                                "(default: none)")
     args = p.parse_args(argv)
     if not args.table_from and not (args.datasets and args.env):
         p.error("--datasets and --env are required (unless --table-from)")
@@ -104,6 +106,8 @@ def main(argv=None) -> int:
             except (OSError, ValueError, KeyError) as e:
                 sys.exit(f"error: cannot read {path}: {e}")
         print(table(rows))
+        if args.json:
+            write_json(args.json, {"sources": args.table_from, "rows": rows})
         return 0
     env = resolve_env(args.env)
     target = float(env["target_returns"][0])

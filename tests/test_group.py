@@ -45,29 +45,36 @@ def model_config(ds, backbone, context, dropout=0.1):
                             n_head=2, dropout=dropout)
 
 
+def group_and_solo_runs(tmp_path, mc, tags, **kw):
+    """Three runs (two datasets, three optimizer settings, an active clip) trained as a group, and
+    runs 1 and 2 trained alone: their logged ``tags`` agree within 1e-4 relative at every step."""
+    a, b = uneven_dataset(0), uneven_dataset(1)
+    runs = [Run(mc, config(0, learning_rate=1e-3, **kw), a, tmp_path / "g0"),
+            Run(mc, config(1, learning_rate=3e-4, weight_decay=0.1, grad_clip=0.05, **kw), b, tmp_path / "g1"),
+            Run(mc, config(2, learning_rate=1e-2, warmup_steps=1, **kw), a, tmp_path / "g2")]
+    train_group(runs, progress=False)
+    for r in (1, 2):
+        run = runs[r]
+        train(mc, run.config, run.dataset, tmp_path / f"solo{r}", progress=False)
+        for tag in tags:
+            steps_g, group = losses(run.logdir, tag)
+            steps_s, solo = losses(tmp_path / f"solo{r}", tag)
+            assert list(steps_g) == list(steps_s) == [3 * i for i in range(1, 11)]
+            np.testing.assert_allclose(group, solo, rtol=1e-4, err_msg=tag)
+    return runs
+
+
 @pytest.mark.parametrize("backbone,context", [("aaren", "window"), ("transformer", "window"),
                                               pytest.param("aaren", "episode", marks=pytest.mark.slow),
                                               pytest.param("transformer", "episode", marks=pytest.mark.slow)])
 def test_run_in_a_group_equals_the_run_alone(tmp_path, backbone, context):
     """Loss and gradient norm at every logged step within 1e-4 relative, dropout on, float32 CPU;
     the group mixes seeds, two datasets and three learning rates, and the clip is active."""
-    a, b = uneven_dataset(0), uneven_dataset(1)
-    mc = model_config(a, backbone, context)
     # whole episodes: a group pads every run to one length, and dropout masks have that shape; a
     # run alone draws the same masks when it pads to the same length (as graphed runs do)
     fixed = {"max_episode_len": 40} if context == "episode" else {}
-    runs = [Run(mc, config(0, learning_rate=1e-3, **fixed), a, tmp_path / "g0"),
-            Run(mc, config(1, learning_rate=3e-4, weight_decay=0.1, grad_clip=0.05, **fixed), b, tmp_path / "g1"),
-            Run(mc, config(2, learning_rate=1e-2, warmup_steps=1, **fixed), a, tmp_path / "g2")]
-    train_group(runs, progress=False)
-    for r in (1, 2):
-        run = runs[r]
-        train(mc, run.config, run.dataset, tmp_path / f"solo{r}", progress=False)
-        for tag in ("train/loss", "train/grad_norm", "train/learning_rate"):
-            steps_g, group = losses(run.logdir, tag)
-            steps_s, solo = losses(tmp_path / f"solo{r}", tag)
-            assert list(steps_g) == list(steps_s) == [3 * i for i in range(1, 11)]
-            np.testing.assert_allclose(group, solo, rtol=1e-4, err_msg=tag)
+    runs = group_and_solo_runs(tmp_path, model_config(uneven_dataset(0), backbone, context),
+                               ("train/loss", "train/grad_norm", "train/learning_rate"), **fixed)
     _, norms = losses(runs[1].logdir, "train/grad_norm")
     assert (norms > runs[1].config.grad_clip).all()  # the clip acted on every logged update
     _, l0 = losses(runs[0].logdir)
@@ -165,21 +172,8 @@ def test_a_compiled_group_equals_the_eager_group():
 def test_run_in_a_group_equals_the_run_alone_on_cuda(tmp_path, backbone, mode):
     """The CPU test's claim on the GPU, float32 (no autocast). Dropout is off: on CUDA a solo run
     draws its masks from the device's global generator, a group run from its own (module docstring)."""
-    a, b = uneven_dataset(0), uneven_dataset(1)
-    mc = model_config(a, backbone, "window", dropout=0.0)
-    kw = dict(device="cuda", amp=False, compile=mode)
-    runs = [Run(mc, config(0, learning_rate=1e-3, **kw), a, tmp_path / "g0"),
-            Run(mc, config(1, learning_rate=3e-4, weight_decay=0.1, grad_clip=0.05, **kw), b, tmp_path / "g1"),
-            Run(mc, config(2, learning_rate=1e-2, warmup_steps=1, **kw), a, tmp_path / "g2")]
-    train_group(runs, progress=False)
-    for r in (1, 2):
-        run = runs[r]
-        train(mc, run.config, run.dataset, tmp_path / f"solo{r}", progress=False)
-        for tag in ("train/loss", "train/grad_norm"):
-            steps_g, group = losses(run.logdir, tag)
-            steps_s, solo = losses(tmp_path / f"solo{r}", tag)
-            assert list(steps_g) == list(steps_s) == [3 * i for i in range(1, 11)]
-            np.testing.assert_allclose(group, solo, rtol=1e-4, err_msg=tag)
+    group_and_solo_runs(tmp_path, model_config(uneven_dataset(0), backbone, "window", dropout=0.0),
+                        ("train/loss", "train/grad_norm"), device="cuda", amp=False, compile=mode)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
