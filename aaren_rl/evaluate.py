@@ -31,8 +31,10 @@ def _check_env_id(env_id) -> None:
     if not isinstance(env_id, str):
         raise TypeError(f"env must be a gymnasium id, a gymnasium Env or VectorEnv, or an SB3 VecEnv; "
                         f"got {type(env_id).__name__}")
+    from .data.dataset import env_spec
+
     try:
-        gym.spec(env_id)
+        env_spec(env_id)
     except gym.error.Error as e:
         raise ValueError(f"unknown gymnasium environment id {env_id!r}: {e}") from None
 

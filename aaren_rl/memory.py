@@ -11,8 +11,10 @@ steps and is left at chance (0.25 per answer); a recurrent state can keep it.
 
 ``gym.make("aaren_rl.memory:RepeatFirst-v0", num_decks=N)`` (gymnasium imports this module for the
 ``module:`` prefix) gives the task with one-hot observations (Box(0, 1, (4,))) and Discrete(4)
-actions, the discrete-action path of the agents. ``FirstCuePolicy`` is its scripted expert, and
-``cue_success`` the success rate of a run's answers by cue distance.
+actions, the discrete-action path of the agents; ``RepeatFirst50-v0``, ``RepeatFirst100-v0`` and
+``RepeatFirst500-v0`` are its 1-, 2- and 10-deck versions, named by the cue distance they reach.
+``FirstCuePolicy`` is its scripted expert, ``cue_success`` the success rate of a run's answers by
+cue distance, and ``collect_datasets`` writes D4RL-style tiers made with the expert.
 """
 
 from __future__ import annotations
@@ -55,8 +57,19 @@ def episode_length(num_decks: int) -> int:
     return 52 * num_decks - 1
 
 
+DISTANCES = {50: 1, 100: 2, 500: 10}  # cue distance reached -> decks (episodes of 51, 103, 519 steps)
+
+
+def env_id(distance: int) -> str:
+    if distance not in DISTANCES:
+        raise ValueError(f"cue distance must be one of {sorted(DISTANCES)}, got {distance!r}")
+    return f"aaren_rl.memory:RepeatFirst{distance}-v0"
+
+
 if "RepeatFirst-v0" not in gym.registry:
     gym.register("RepeatFirst-v0", entry_point=make_repeat_first)
+    for _d, _n in DISTANCES.items():
+        gym.register(f"RepeatFirst{_d}-v0", entry_point=make_repeat_first, kwargs={"num_decks": _n})
 
 
 class FirstCuePolicy:
@@ -87,3 +100,78 @@ def cue_success(actions: np.ndarray, cue: int, distances=(0, 20, 50, 100, 500)) 
     is shorter). Chance is 1/4, the expert 1."""
     actions = np.asarray(actions)
     return {d: (float((actions[d:] == cue).mean()) if len(actions) > d else None) for d in distances}
+
+
+# ----------------------------------------------------------------------------------------------
+# datasets made with the scripted expert, in D4RL's manner
+
+# tier -> probability of a random answer: the expert, a medium policy right about 62% of the time
+# (half its answers random), and the uniform random policy
+TIER_EPSILON = {"random": 1.0, "medium": 0.5, "expert": 0.0}
+
+
+def rollout_scripted(env_name: str, epsilon: float, episodes: int, seed: int, n_envs: int = 10):
+    """``episodes`` episodes of ``FirstCuePolicy(epsilon)`` as RawEpisodes (every episode of the
+    task has the same length, so they run in rounds of ``n_envs``)."""
+    from .data.recording import EpisodeRecorder
+
+    out, round_ = [], 0
+    while len(out) < episodes:
+        n = min(n_envs, episodes - len(out))
+        envs = [gym.make(env_name) for _ in range(n)]
+        recorder = EpisodeRecorder(n)
+        obs = [env.reset(seed=seed + 10_000 * round_ + i)[0] for i, env in enumerate(envs)]
+        for i, o in enumerate(obs):
+            recorder.begin(i, o)
+        policy = FirstCuePolicy(n, epsilon, seed=seed + 10_000 * round_ + 7919)
+        start, active = np.ones(n, bool), list(range(n))
+        while active:
+            actions = policy(np.stack(obs), start)
+            start[:] = False
+            for i in list(active):
+                obs[i], r, term, trunc, _ = envs[i].step(int(actions[i]))
+                ep = recorder.add(i, int(actions[i]), r, obs[i], term, trunc)
+                if ep is not None:
+                    out.append(ep)
+                    active.remove(i)
+        for env in envs:
+            env.close()
+        round_ += 1
+    return out
+
+
+def collect_datasets(out_dir, distance: int, episodes: int = 200, seed: int = 0, minari: bool = False) -> dict:
+    """The tiers random, medium, expert and medium-expert of the task at ``distance``, as D4RL-format
+    HDF5 files ``OUT/repeat_first_DISTANCE/TIER.hdf5`` (and Minari datasets
+    ``aaren-rl/repeat-first-DISTANCE/TIER-v0`` with ``minari``), with the random and expert
+    tiers' mean returns as the references. Returns the report (also written as report.json)."""
+    from pathlib import Path
+
+    from .data.writers import write_hdf5, write_minari
+    from .output import write_json
+
+    name = env_id(distance)
+    folder = Path(out_dir) / f"repeat_first_{distance}"
+    tiers = {tier: rollout_scripted(name, eps, episodes, seed + 1000 * k)
+             for k, (tier, eps) in enumerate(TIER_EPSILON.items())}
+    tiers["medium-expert"] = tiers["medium"] + tiers["expert"]
+    ret = lambda eps: np.array([e.episode_return for e in eps])
+    ref_min, ref_max = float(ret(tiers["random"]).mean()), float(ret(tiers["expert"]).mean())
+    report = {"env_id": name, "cue_distance": distance, "episode_length": episode_length(DISTANCES[distance]),
+              "ref_min_score": ref_min, "ref_max_score": ref_max, "tiers": {}}
+    for tier, eps in tiers.items():
+        r = ret(eps)
+        actions = [e.actions for e in eps]
+        cues = [int(e.observations[0].argmax()) for e in eps]
+        rates = [cue_success(a, c) for a, c in zip(actions, cues)]
+        success = {d: float(np.mean([x[d] for x in rates])) for d in rates[0] if rates[0][d] is not None}
+        path = write_hdf5(folder / f"{tier}.hdf5", eps, name, ref_min_score=ref_min, ref_max_score=ref_max, tier=tier)
+        entry = {"episodes": len(eps), "steps": int(sum(len(e) for e in eps)), "return_mean": float(r.mean()),
+                 "return_std": float(r.std()), "success_by_distance": success, "hdf5": str(path)}
+        if minari:
+            entry["dataset_id"] = f"aaren-rl/repeat-first-{distance}/{tier}-v0"
+            write_minari(entry["dataset_id"], eps, name, ref_min_score=ref_min, ref_max_score=ref_max,
+                         algorithm_name=f"FirstCuePolicy(epsilon={TIER_EPSILON.get(tier, 'mixed')})", force=True)
+        report["tiers"][tier] = entry
+    write_json(folder / "report.json", report)
+    return report

@@ -34,6 +34,9 @@ def test_the_expert_always_answers_the_first_card(num_decks):
     np.testing.assert_allclose(returns, 1.0)
     assert all(cue_success(a, c)[50] == 1.0 for a, c in zip(actions, cue))
     assert gym.make(ENV_ID).observation_space == gym.spaces.Box(0.0, 1.0, (4,), np.float32)
+    from aaren_rl.evaluate import check_env_matches
+
+    check_env_matches("aaren_rl.memory:RepeatFirst100-v0", 4, 4, True, "a test")  # a module: id resolves
 
 
 def test_random_and_short_memory_are_at_chance_beyond_their_reach():
@@ -62,3 +65,23 @@ def test_bad_task_settings_fail_clearly():
         gym.make(ENV_ID, num_decks=0)
     with pytest.raises(ValueError, match="epsilon"):
         FirstCuePolicy(2, epsilon=1.5)
+
+
+def test_datasets_are_made_with_the_expert_and_train_a_discrete_agent(tmp_path):
+    from aaren_rl.data import load_dataset
+    from aaren_rl.memory import collect_datasets
+    from aaren_rl.train import TrainConfig, make_update_step, model_config_for
+
+    rep = collect_datasets(tmp_path, 50, episodes=6, seed=0)
+    tiers = rep["tiers"]
+    assert rep["ref_max_score"] == 1.0 and -0.7 < rep["ref_min_score"] < -0.3
+    assert tiers["expert"]["success_by_distance"][20] == 1.0
+    assert 0.45 < tiers["medium"]["success_by_distance"][0] < 0.8  # half its answers random
+    assert tiers["medium-expert"]["episodes"] == 12 and tiers["medium-expert"]["steps"] == 12 * 51
+    ds = load_dataset(tiers["medium-expert"]["hdf5"])
+    assert ds.discrete and ds.action_dim == 4 and ds.observation_dim == 4 and ds.ref_max_score == 1.0
+    mc = model_config_for(ds, backbone="aaren", context="episode", n_layer=1, embed_dim=16, n_head=1, dropout=0.0)
+    update = make_update_step(mc, TrainConfig(batch_size=2, warmup_steps=1, device="cpu", compile="none"), ds)
+    for _ in range(2):
+        update()
+    assert np.isfinite(update.pop_mean_loss())

@@ -253,11 +253,27 @@ def _space_bounds(space):
     raise ValueError(f"unsupported action space {space}; expected Box or Discrete")
 
 
+def env_spec(env_id: str):
+    """gymnasium's spec of ``env_id``; a ``module:Name-vN`` id imports its module first, as
+    ``gym.make`` does (e.g. ``aaren_rl.memory:RepeatFirst50-v0``). Raises gymnasium's error."""
+    import importlib
+
+    import gymnasium as gym
+
+    module, _, name = env_id.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise gym.error.Error(f"cannot import {module!r} for {env_id!r}: {e}") from None
+    return gym.spec(name)
+
+
 def _check_env_id(env_id: str) -> None:
     import gymnasium as gym
 
     try:
-        gym.spec(env_id)
+        env_spec(env_id)
     except gym.error.Error as e:
         raise KeyError(f"unknown gymnasium environment id {env_id!r}: {e}") from None
 

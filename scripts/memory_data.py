@@ -1,0 +1,28 @@
+"""Write the memory task's datasets (aaren_rl.memory: POPGym's RepeatFirst, tiers made with its
+scripted expert): ``python scripts/memory_data.py --distances 50 100 500 --out data/memory``."""
+
+import argparse
+import sys
+
+from aaren_rl.memory import DISTANCES, collect_datasets
+from aaren_rl.output import markdown_table
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--distances", type=int, nargs="+", default=sorted(DISTANCES), choices=sorted(DISTANCES),
+                   help=f"cue distances (default: {' '.join(map(str, sorted(DISTANCES)))})")
+    p.add_argument("--episodes", type=int, default=200, help="episodes per tier (default: 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the rollouts (default: 0)")
+    p.add_argument("--out", default="data/memory", help="output folder (default: data/memory)")
+    p.add_argument("--minari", action="store_true", help="also write Minari datasets (default: off)")
+    args = p.parse_args()
+    if args.episodes < 1:
+        sys.exit(f"error: --episodes must be positive, got {args.episodes}")
+    rows = []
+    for d in args.distances:
+        rep = collect_datasets(args.out, d, args.episodes, args.seed, minari=args.minari)
+        for tier, t in rep["tiers"].items():
+            rows.append([d, tier, t["episodes"], t["steps"], f"{t['return_mean']:.3f} ± {t['return_std']:.3f}",
+                         f"{t['success_by_distance'][20]:.3f}"])
+    print(markdown_table(["cue distance", "tier", "episodes", "steps", "return (mean ± std)",
+                          "success at t >= 20 (beyond a 20-step window)"], rows, "rlrrrr"))
