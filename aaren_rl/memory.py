@@ -175,3 +175,35 @@ def collect_datasets(out_dir, distance: int, episodes: int = 200, seed: int = 0,
         report["tiers"][tier] = entry
     write_json(folder / "report.json", report)
     return report
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluating an agent on the task
+
+
+def evaluate_success(policy, env_name: str, episodes: int, seed: int, distances=(0, 20, 50, 100, 500)) -> dict:
+    """Run ``policy`` (a ``StreamingPolicy`` or ``OnnxPolicy``) for ``episodes`` episodes, one env at a
+    time (episode seeds ``seed + i``); the mean return and the success rate at cue distance >= d for
+    each d the episodes reach (``cue_success``)."""
+    env = gym.make(env_name)
+    returns, rates = [], []
+    try:
+        for i in range(episodes):
+            obs, _ = env.reset(seed=seed + i)
+            cue, state, reward, actions, total = int(np.argmax(obs)), None, None, [], 0.0
+            while True:
+                action, state = policy.predict(obs, state, episode_start=np.array([reward is None]), reward=reward)
+                a = int(np.asarray(action).reshape(-1)[0])
+                actions.append(a)
+                obs, r, term, trunc, _ = env.step(a)
+                total += r
+                reward = np.array([r], dtype=np.float32)
+                if term or trunc:
+                    break
+            returns.append(total)
+            rates.append(cue_success(np.array(actions), cue, distances))
+    finally:
+        env.close()
+    success = {d: float(np.mean([x[d] for x in rates])) for d in distances if rates[0][d] is not None}
+    return {"episodes": episodes, "return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
+            "success_by_distance": success}
