@@ -85,3 +85,20 @@ def test_datasets_are_made_with_the_expert_and_train_a_discrete_agent(tmp_path):
     for _ in range(2):
         update()
     assert np.isfinite(update.pop_mean_loss())
+
+
+def test_evaluate_success_scores_a_policy_by_cue_distance():
+    from aaren_rl.memory import evaluate_success, env_id
+
+    class Expert:  # StreamingPolicy's predict interface around the scripted expert
+        def __init__(self, epsilon):
+            self.p = FirstCuePolicy(1, epsilon, seed=0)
+
+        def predict(self, obs, state, episode_start=None, reward=None):
+            return self.p(np.asarray(obs)[None], np.asarray(episode_start)), state
+
+    res = evaluate_success(Expert(0.0), env_id(100), episodes=3, seed=0)
+    assert res["return_mean"] == pytest.approx(1.0) and set(res["success_by_distance"]) == {0, 20, 50, 100}
+    assert all(v == 1.0 for v in res["success_by_distance"].values())
+    res = evaluate_success(Expert(1.0), env_id(50), episodes=5, seed=0)
+    assert 0.1 < res["success_by_distance"][20] < 0.45
