@@ -25,6 +25,23 @@ SETTINGS = ["model.embed_dim=64", "model.return_scale=1.0", "train.learning_rate
             "train.log_every=50"]
 EVAL_SEED = 20_000
 
+def table(rows: list[dict]) -> str:
+    """Mean ± std over seeds of each agent's success by cue distance, with the expert and chance."""
+    import numpy as np
+
+    ds = list(rows[0]["success_rate"])
+    out = []
+    for agent in dict.fromkeys(r["agent"] for r in rows):
+        rs = [r for r in rows if r["agent"] == agent]
+        cell = lambda d: f"{np.mean([r['success_rate'][d] for r in rs]):.2f} ± {np.std([r['success_rate'][d] for r in rs]):.2f}"
+        out.append([agent, rs[0]["mode"], len(rs)] + [cell(d) for d in ds])
+    for name, key in (("expert (scripted)", "expert_success"), ("chance (random)", "chance_success")):
+        out.append([name, "-", "-"] + [f"{rows[0][key][str(d)] if str(d) in rows[0][key] else rows[0][key][d]:.2f}"
+                                       for d in ds])
+    return markdown_table(["agent", "acts", "seeds"] + [f"success at distance >= {d}" for d in ds], out,
+                          "llr" + "r" * len(ds))
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data/memory", help="where scripts/memory_data.py wrote (default: data/memory)")
@@ -37,7 +54,16 @@ if __name__ == "__main__":
     p.add_argument("--out", default="runs/memory", help="run folders (default: runs/memory)")
     p.add_argument("--results", default="benchmarks/results/memory", help="per-run JSON (default: benchmarks/results/memory)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    p.add_argument("--table-from", nargs="+", metavar="RUN.json", default=None,
+                   help="print the table of saved per-run JSON files and stop (default: train and evaluate)")
     args = p.parse_args()
+    if args.table_from:
+        try:
+            saved = [json.loads(Path(f).read_text()) for f in args.table_from]
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: cannot read a run file: {e}")
+        print(table(saved))
+        sys.exit(0)
     from aaren_rl.checkpoint import load_checkpoint
     from aaren_rl.memory import evaluate_success
     from aaren_rl.policy import StreamingPolicy
@@ -73,14 +99,4 @@ if __name__ == "__main__":
             rows.append(out)
             print(f"{agent} seed {seed}: success {', '.join(f'>={d}: {v:.2f}' for d, v in s.items())} "
                   f"(return {res['return_mean']:.2f}), train {train_s:.0f} s", flush=True)
-    import numpy as np
-
-    table = []
-    for agent in args.agents:
-        rs = [r for r in rows if r["agent"] == agent]
-        cell = lambda d: f"{np.mean([r['success_rate'][d] for r in rs]):.2f} ± {np.std([r['success_rate'][d] for r in rs]):.2f}"
-        table.append([agent, rs[0]["mode"], len(rs)] + [cell(d) for d in rs[0]["success_rate"]])
-    ds = list(rows[0]["success_rate"])
-    table.append(["expert (scripted)", "-", "-"] + [f"{expert[str(d)] if str(d) in expert else expert[d]:.2f}" for d in ds])
-    table.append(["chance (random)", "-", "-"] + [f"{chance[str(d)] if str(d) in chance else chance[d]:.2f}" for d in ds])
-    print("\n" + markdown_table(["agent", "acts", "seeds"] + [f"success at distance >= {d}" for d in ds], table, "llr" + "r" * len(ds)))
+    print("\n" + table(rows))
