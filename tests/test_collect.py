@@ -70,6 +70,11 @@ def test_tiny_collection_writes_every_tier_as_minari_and_hdf5(tmp_path, minari_r
     # medium-replay is what the learner saw up to the medium checkpoint: exactly that many steps
     assert report["tiers"]["medium-replay"]["steps"] == report["medium"]["step"]
     assert report["train_seconds"] > 0
+    # expert = "best": the best-evaluated of the checkpoints and the final policy; medium comes before it
+    evals = report["checkpoints"] + [report["final_eval"]]
+    assert report["expert"]["eval_return_mean"] == max(e["return_mean"] for e in evals)
+    if any(e["step"] < report["expert"]["step"] for e in evals):
+        assert report["medium"]["step"] < report["expert"]["step"]
 
 
 def test_collection_is_reproducible(tmp_path):

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from ..output import write_json
+from ..policy import MODES
 from .presets import available, resolve_env
 
 
@@ -21,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--episodes", type=int, default=10, help="episodes, run up to 16 at a time (default: 10)")
     p.add_argument("--target-return", type=float,
                    help="return to condition on (default: the env preset's first target, else the one training used)")
-    p.add_argument("--mode", choices=["recurrent", "window", "sliding"],
+    p.add_argument("--mode", choices=list(MODES),
                    help="recurrent: constant-size state (Aaren) or key/value cache (Transformer); "
                         "window: recompute the last K steps (DT); sliding: a Transformer's key/value cache of the last "
                         "K steps (default: recurrent for Aaren and for models trained on whole episodes, else window; "

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 
+from ..policy import MODES
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a run folder, its checkpoints folder, or one checkpoint folder")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="folder to write step.onnx and spec.json into (replaced if it holds an export)")
-    p.add_argument("--mode", choices=["recurrent", "window", "sliding"],
+    p.add_argument("--mode", choices=list(MODES),
                    help="the policy mode whose step is exported: recurrent (Aaren's constant state; a Transformer's "
                         "key/value cache, which grows), window (DT's recompute of the last K steps), sliding (a "
                         "Transformer's cache of the last K steps) (default: the mode evaluate uses: recurrent for "
