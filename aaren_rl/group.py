@@ -35,6 +35,7 @@ captured once in a CUDA graph and replayed, as ``train.UpdateStep`` does for one
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -202,6 +203,18 @@ class _Objective(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # The group: stacked weights, per-run streams, one update
+
+
+def _group_attention_backends(device: torch.device):
+    """The SDPA backends a vmapped group may use. On CUDA the memory-efficient kernel (float32's
+    default) has no vmap batching rule: PyTorch runs it run by run, and its backward then fails with
+    "LSE is not correctly aligned (strideH)" (H200, torch 2.11). Flash attention (bf16) and the math
+    form (float32) batch."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH])
 
 
 class RunGroup:
@@ -372,8 +385,9 @@ class RunGroup:
         masks = self.draw_masks()
         for p in self.params.values():
             p.grad = None
-        loss = self.losses(self.params, self.buffers, masks, *batch)  # (R,)
-        loss.sum().backward()  # run r's weights see only loss r: per-run gradients
+        with _group_attention_backends(self.device):
+            loss = self.losses(self.params, self.buffers, masks, *batch)  # (R,)
+            loss.sum().backward()  # run r's weights see only loss r: per-run gradients
         with torch.no_grad():
             self._optimizer_step([p.grad for p in self.params.values()])
             self.loss_sum += loss.detach()
