@@ -60,11 +60,16 @@ def parse_args(argv=None):
     return args
 
 
+def label(row: dict) -> str:
+    """The agent of a row, with the ``--set`` overrides it was trained with (if any)."""
+    return " ".join([row["agent"], *row.get("set", [])])
+
+
 def table(rows: list[dict]) -> str:
-    """One row per (dataset, agent) in the order first seen: the mean ± std over seeds."""
+    """One row per (dataset, agent and its ``--set`` overrides) in the order first seen: the mean ± std over seeds."""
     out = []
-    for dataset, agent in dict.fromkeys((r["dataset"], r["agent"]) for r in rows):
-        rs = [r for r in rows if r["dataset"] == dataset and r["agent"] == agent]
+    for dataset, agent in dict.fromkeys((r["dataset"], label(r)) for r in rows):
+        rs = [r for r in rows if r["dataset"] == dataset and label(r) == agent]
         sc = np.array([r["normalized_score_mean"] for r in rs])
         out.append([dataset, agent, f"{sc.mean():.1f} ± {sc.std():.1f} (n={len(rs)})",
                     f"{np.mean([r['return_mean'] for r in rs]):.0f}",
@@ -94,6 +99,15 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def _set_from_command(command: str) -> list[str]:
+    """The ``--set`` items of a saved command line (they are its last option's values)."""
+    words = command.split()
+    if "--set" not in words:
+        return []
+    rest = words[words.index("--set") + 1:]
+    return [w for w in rest[:next((i for i, w in enumerate(rest) if w.startswith("--")), len(rest))]]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.table_from:
@@ -102,8 +116,11 @@ def main(argv=None) -> int:
         rows = []
         for path in args.table_from:
             try:
-                rows += json.loads(Path(path).read_text())["rows"]
-            except (OSError, ValueError, KeyError) as e:
+                saved = json.loads(Path(path).read_text())
+                for row in saved["rows"]:  # files written before rows carried their overrides
+                    row.setdefault("set", saved.get("set", _set_from_command(saved.get("command", ""))))
+                rows += saved["rows"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
                 sys.exit(f"error: cannot read {path}: {e}")
         print(table(rows))
         if args.json:
@@ -114,7 +131,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     torch.set_num_threads(args.threads)
     meta = {"env": env["env_id"], "target_return": target, "updates": args.updates, "device": args.device,
-            "machine": machine(), "eval_seed": f"{EVAL_SEED} + seed", "command": " ".join(sys.argv)}
+            "machine": machine(), "eval_seed": f"{EVAL_SEED} + seed", "command": " ".join(sys.argv),
+            "set": list(args.set)}
     rows = []
     for source in args.datasets:
         ds = load_dataset(resolve_dataset(source), env_id=env["env_id"])
@@ -131,7 +149,8 @@ def main(argv=None) -> int:
                      "--threads", str(args.threads), *(["--set", *overrides] if overrides else [])])
                 train_s = time.perf_counter() - t0
                 res = evaluate_run(run, env["env_id"], target, args.eval_episodes, seed, ref_min, ref_max)
-                row = {"dataset": Path(source).stem, "agent": agent, "seed": seed, "train_seconds": train_s,
+                row = {"dataset": Path(source).stem, "agent": agent, "set": list(args.set), "seed": seed,
+                       "train_seconds": train_s,
                        **{k: v for k, v in res.items() if k not in ("returns", "lengths")}}
                 rows.append(row)
                 write_json(out / "compare.json", {**meta, "rows": rows})

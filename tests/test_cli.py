@@ -47,3 +47,24 @@ def test_a_preset_value_of_the_wrong_type_is_one_clear_line(tmp_path):
     preset.write_text('[model]\nembed_dim = "32"\n')
     with pytest.raises(SystemExit, match=r"model.embed_dim must be an integer, got '32' \(agent preset"):
         main(["train", "--agent", str(preset), "--dataset", "pendulum/medium", "--logdir", str(tmp_path / "r")])
+
+
+def test_compare_table_keeps_overrides_apart():
+    """compare.py's table pools seeds per agent and --set overrides, also from files that predate
+    the rows' "set" field (their overrides are read back from the saved command)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("compare", Path(__file__).parents[1] / "scripts" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    assert compare._set_from_command("compare.py --seeds 0 --set train.learning_rate=3e-4 a.b=1") == \
+        ["train.learning_rate=3e-4", "a.b=1"]
+    assert compare._set_from_command("compare.py --set x=1 --out d") == ["x=1"]
+    assert compare._set_from_command("compare.py --seeds 0") == []
+    row = dict(dataset="d", agent="a", return_mean=0.0, policy_ms_per_step=1.0, train_seconds=1.0)
+    rows = [{**row, "normalized_score_mean": 10.0, "seed": 0}, {**row, "normalized_score_mean": 20.0, "seed": 1},
+            {**row, "normalized_score_mean": 90.0, "seed": 0, "set": ["train.learning_rate=3e-4"]}]
+    text = compare.table(rows)
+    assert "| a | 15.0 ± 5.0 (n=2)" in text
+    assert "| a train.learning_rate=3e-4 | 90.0 ± 0.0 (n=1)" in text
