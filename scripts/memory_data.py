@@ -1,5 +1,6 @@
-"""Write the memory task's datasets (aaren_rl.memory: POPGym's RepeatFirst, tiers made with its
-scripted expert): ``python scripts/memory_data.py --distances 50 100 500 --out data/memory``."""
+"""Write the memory task's datasets (bsuite's memory_len; tiers made with its scripted expert).
+
+``python scripts/memory_data.py --distances 50 100 500 --out data/memory`` (aaren_rl.memory)."""
 
 import argparse
 import sys
@@ -9,8 +10,9 @@ from aaren_rl.output import markdown_table
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--distances", type=int, nargs="+", default=sorted(DISTANCES), choices=sorted(DISTANCES),
-                   help=f"cue distances (default: {' '.join(map(str, sorted(DISTANCES)))})")
+    p.add_argument("--distances", type=int, nargs="+", default=list(DISTANCES), choices=list(DISTANCES),
+                   help="cue distances: steps from the last sight of the cue to the decision "
+                        f"(default: {' '.join(map(str, DISTANCES))})")
     p.add_argument("--episodes", type=int, default=200, help="episodes per tier (default: 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the rollouts (default: 0)")
     p.add_argument("--out", default="data/memory", help="output folder (default: data/memory)")
@@ -18,11 +20,16 @@ if __name__ == "__main__":
     args = p.parse_args()
     if args.episodes < 1:
         sys.exit(f"error: --episodes must be positive, got {args.episodes}")
+    if args.seed < 0:
+        sys.exit(f"error: --seed must be non-negative, got {args.seed}")
     rows = []
     for d in args.distances:
-        rep = collect_datasets(args.out, d, args.episodes, args.seed, minari=args.minari)
+        try:
+            rep = collect_datasets(args.out, d, args.episodes, args.seed, minari=args.minari)
+        except (ImportError, OSError) as e:
+            sys.exit(f"error: {e}")
         for tier, t in rep["tiers"].items():
-            rows.append([d, tier, t["episodes"], t["steps"], f"{t['return_mean']:.3f} ± {t['return_std']:.3f}",
-                         f"{t['success_by_distance'][20]:.3f}"])
-    print(markdown_table(["cue distance", "tier", "episodes", "steps", "return (mean ± std)",
-                          "success at t >= 20 (beyond a 20-step window)"], rows, "rlrrrr"))
+            rows.append([d, rep["episode_length"], tier, t["episodes"], t["steps"],
+                         f"{t['return_mean']:.3f} ± {t['return_std']:.3f}", f"{t['success_rate']:.3f}"])
+    print(markdown_table(["cue distance", "episode length", "tier", "episodes", "steps", "return (mean ± std)",
+                          "success rate"], rows, "rrlrrrr"))

@@ -1,10 +1,12 @@
-"""Train and evaluate agents on the memory task (aaren_rl.memory), one JSON per run under
-benchmarks/results/memory/: ``python scripts/memory_runs.py --data data/memory --distance 50``.
+"""Train and evaluate agents on the memory task (bsuite's memory_len), one JSON per run.
+
+``python scripts/memory_runs.py --data data/memory --distance 50`` writes
+benchmarks/results/memory/dDISTANCE_AGENT_sSEED.json (aaren_rl.memory).
 
 Every agent gets the same budget: the same updates, about the same timesteps per batch (windows
-or segments of K = 20 steps x 40, or 16 whole episodes), the same width and optimizer; each run is
-evaluated once at the end on the same episodes (seeds 20000 + i), conditioned on the expert's
-return, and its success rate is reported by cue distance next to the expert's and chance's.
+of K = 20 steps x 40, or 16 whole episodes), the same width and optimizer; each run is evaluated
+once at the end on the same episodes (seeds 20000 + i), conditioned on the expert's return, and
+its success rate (the scored last action right) is reported next to the expert's and chance's.
 """
 
 import argparse
@@ -13,70 +15,98 @@ import sys
 import time
 from pathlib import Path
 
-from aaren_rl.cli import main as cli
-from aaren_rl.memory import env_id
-from aaren_rl.output import markdown_table, write_json
-
 AGENTS = {  # agent preset: the batch (episodes or windows) that holds about 800 timesteps
     "decision_transformer": 40, "decision_transformer_episode": 16,
-    "decision_aaren": 40, "decision_aaren_episode": 16, "decision_aaren_segment": 40,
+    "decision_aaren_episode": 16, "decision_aaren": 40, "decision_aaren_segment": 40,
 }
-SETTINGS = ["model.embed_dim=64", "model.return_scale=1.0", "train.learning_rate=1e-3", "train.warmup_steps=200",
-            "train.log_every=50"]
+DEFAULT_AGENTS = ["decision_transformer", "decision_transformer_episode", "decision_aaren_episode", "decision_aaren"]
 EVAL_SEED = 20_000
 
+
+def settings(lr: float) -> list[str]:
+    return ["model.embed_dim=64", "model.return_scale=1.0", f"train.learning_rate={lr:g}", "train.warmup_steps=200",
+            "train.log_every=50"]
+
+
 def table(rows: list[dict]) -> str:
-    """Mean ± std over seeds of each agent's success by cue distance, with the expert and chance."""
+    """Mean ± std over seeds of each agent's success rate at each cue distance, with the expert and chance."""
     import numpy as np
 
-    ds = list(rows[0]["success_rate"])
+    from aaren_rl.output import markdown_table
+
     out = []
-    for agent in dict.fromkeys(r["agent"] for r in rows):
-        rs = [r for r in rows if r["agent"] == agent]
-        cell = lambda d: f"{np.mean([r['success_rate'][d] for r in rs]):.2f} ± {np.std([r['success_rate'][d] for r in rs]):.2f}"
-        out.append([agent, rs[0]["mode"], len(rs)] + [cell(d) for d in ds])
-    for name, key in (("expert (scripted)", "expert_success"), ("chance (random)", "chance_success")):
-        out.append([name, "-", "-"] + [f"{rows[0][key][str(d)] if str(d) in rows[0][key] else rows[0][key][d]:.2f}"
-                                       for d in ds])
-    return markdown_table(["agent", "acts", "seeds"] + [f"success at distance >= {d}" for d in ds], out,
-                          "llr" + "r" * len(ds))
+    for d in sorted({r["cue_distance"] for r in rows}):
+        at = [r for r in rows if r["cue_distance"] == d]
+        for agent in dict.fromkeys(r["agent"] for r in at):
+            s = [r["success_rate"] for r in at if r["agent"] == agent]
+            mode = next(r["mode"] for r in at if r["agent"] == agent)
+            out.append([d, agent, mode, len(s), f"{np.mean(s):.2f} ± {np.std(s):.2f}"])
+        out.append([d, "expert (scripted)", "-", "-", f"{at[0]['expert_success']:.2f}"])
+        out.append([d, "chance (random)", "-", "-", f"{at[0]['chance_success']:.2f}"])
+    return markdown_table(["cue distance", "agent", "acts", "seeds", "success rate (mean ± std)"], out, "rllrr")
+
+
+def positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be non-negative, got {text}")
+    return value
 
 
 if __name__ == "__main__":
+    from aaren_rl.memory import DISTANCES
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data/memory", help="where scripts/memory_data.py wrote (default: data/memory)")
-    p.add_argument("--distance", type=int, default=50, help="cue distance of the task (default: 50)")
-    p.add_argument("--tier", default="medium-expert", help="dataset tier (default: medium-expert)")
-    p.add_argument("--agents", nargs="+", default=list(AGENTS), choices=list(AGENTS), help="agents (default: all)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
-    p.add_argument("--updates", type=int, default=2000, help="updates per run (default: 2000)")
-    p.add_argument("--eval-episodes", type=int, default=20, help="evaluation episodes (default: 20)")
+    p.add_argument("--distance", type=int, default=50, choices=list(DISTANCES),
+                   help="cue distance of the task, steps from the last sight of the cue to the decision (default: 50)")
+    p.add_argument("--tier", default="medium-expert", choices=["random", "medium", "expert", "medium-expert"],
+                   help="dataset tier to train on (default: medium-expert)")
+    p.add_argument("--agents", nargs="+", default=DEFAULT_AGENTS, choices=list(AGENTS),
+                   help=f"agent presets (default: {' '.join(DEFAULT_AGENTS)})")
+    p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    p.add_argument("--updates", type=positive(int), default=2000, help="updates per run (default: 2000)")
+    p.add_argument("--lr", type=positive(float), default=3e-4, help="learning rate (default: 3e-4)")
+    p.add_argument("--eval-episodes", type=positive(int), default=100, help="evaluation episodes (default: 100)")
     p.add_argument("--out", default="runs/memory", help="run folders (default: runs/memory)")
     p.add_argument("--results", default="benchmarks/results/memory", help="per-run JSON (default: benchmarks/results/memory)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    p.add_argument("--threads", type=positive(int), default=1, help="torch CPU threads (default: 1)")
     p.add_argument("--table-from", nargs="+", metavar="RUN.json", default=None,
                    help="print the table of saved per-run JSON files and stop (default: train and evaluate)")
     args = p.parse_args()
     if args.table_from:
         try:
             saved = [json.loads(Path(f).read_text()) for f in args.table_from]
-        except (OSError, ValueError) as e:
-            sys.exit(f"error: cannot read a run file: {e}")
-        print(table(saved))
+            print(table(saved))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            sys.exit(f"error: cannot read a run file ({type(e).__name__}: {e})")
         sys.exit(0)
-    from aaren_rl.checkpoint import load_checkpoint
-    from aaren_rl.memory import evaluate_success
-    from aaren_rl.policy import StreamingPolicy
 
-    folder = Path(args.data) / f"repeat_first_{args.distance}"
+    folder = Path(args.data) / f"memory_length_{args.distance}"
     try:
         report = json.loads((folder / "report.json").read_text())
-    except OSError as e:
+    except (OSError, ValueError) as e:
         sys.exit(f"error: no memory datasets at {folder} ({e}); run scripts/memory_data.py first")
     dataset = folder / f"{args.tier}.hdf5"
-    expert = report["tiers"]["expert"]["success_by_distance"]
-    chance = report["tiers"]["random"]["success_by_distance"]
-    rows = []
+    if not dataset.exists():
+        sys.exit(f"error: no dataset {dataset}; run scripts/memory_data.py first")
+
+    from aaren_rl.checkpoint import load_checkpoint
+    from aaren_rl.cli import main as cli
+    from aaren_rl.memory import CHANCE, env_id, evaluate_success
+    from aaren_rl.output import write_json
+    from aaren_rl.policy import StreamingPolicy
+
+    rows, run_settings = [], settings(args.lr)
     for agent in args.agents:
         for seed in args.seeds:
             run = Path(args.out) / f"d{args.distance}" / f"{agent}-s{seed}"
@@ -84,19 +114,22 @@ if __name__ == "__main__":
             cli(["train", "--agent", agent, "--dataset", str(dataset), "--updates", str(args.updates), "--seed", str(seed),
                  "--eval-every", "0", "--eval-episodes", "0", "--checkpoint-every", str(args.updates), "--device", "cpu",
                  "--threads", str(args.threads), "--logdir", str(run), "--no-progress",
-                 "--set", *SETTINGS, f"train.batch_size={AGENTS[agent]}"])
+                 "--set", *run_settings, f"train.batch_size={AGENTS[agent]}"])
             train_s = time.perf_counter() - t0
             model, _ = load_checkpoint(run, device="cpu")
             policy = StreamingPolicy(model, report["ref_max_score"])
+            t0 = time.perf_counter()
             res = evaluate_success(policy, env_id(args.distance), args.eval_episodes, EVAL_SEED)
-            out = {"agent": agent, "seed": seed, "cue_distance": args.distance, "tier": args.tier, "mode": policy.mode,
-                   "updates": args.updates, "success_rate": res["success_by_distance"],
-                   "expert_success": expert, "chance_success": chance, "return_mean": res["return_mean"],
-                   "episodes": res["episodes"], "train_seconds": train_s, "settings": SETTINGS,
-                   "batch_size": AGENTS[agent], "target_return": report["ref_max_score"], "eval_seed": f"{EVAL_SEED} + i"}
+            out = {"agent": agent, "seed": seed, "task": "bsuite memory_len", "env_id": report["env_id"],
+                   "cue_distance": args.distance, "memory_length": report["memory_length"], "tier": args.tier,
+                   "mode": policy.mode, "updates": args.updates, "success_rate": res["success_rate"],
+                   "expert_success": report["tiers"]["expert"]["success_rate"], "chance_success": CHANCE,
+                   "random_tier_success": report["tiers"]["random"]["success_rate"],
+                   "return_mean": res["return_mean"], "episodes": res["episodes"], "train_seconds": train_s,
+                   "eval_seconds": time.perf_counter() - t0, "settings": run_settings, "batch_size": AGENTS[agent],
+                   "target_return": report["ref_max_score"], "eval_seed": f"{EVAL_SEED} + i"}
             write_json(Path(args.results) / f"d{args.distance}_{agent}_s{seed}.json", out)
-            s = res["success_by_distance"]
             rows.append(out)
-            print(f"{agent} seed {seed}: success {', '.join(f'>={d}: {v:.2f}' for d, v in s.items())} "
-                  f"(return {res['return_mean']:.2f}), train {train_s:.0f} s", flush=True)
+            print(f"{agent} seed {seed}: success {res['success_rate']:.2f} (return {res['return_mean']:.2f}), "
+                  f"train {train_s:.0f} s", flush=True)
     print("\n" + table(rows))

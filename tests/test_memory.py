@@ -1,85 +1,143 @@
-"""The long-memory task: POPGym's RepeatFirst with one-hot observations, its scripted expert, and
-the success rate by cue distance."""
+"""The long-memory task: bsuite's memory_len as a gymnasium env, its scripted expert, the tiers,
+and the success rate."""
 
 import gymnasium as gym
 import numpy as np
 import pytest
 
-pytest.importorskip("popgym")
+pytest.importorskip("bsuite")
 
-from aaren_rl.memory import ENV_ID, FirstCuePolicy, cue_success, episode_length  # noqa: E402
+from aaren_rl.memory import (CHANCE, ENV_ID, ContextPolicy, env_id, episode_length,  # noqa: E402
+                             memory_length_for, success_rate)
 
 
-def run_episodes(policy_for, num_decks, n=4, seed=0):
-    """Returns, and each env's first episode's actions and cue, of a policy in a vector env."""
-    env = gym.vector.SyncVectorEnv([lambda: gym.make(ENV_ID, num_decks=num_decks) for _ in range(n)])
+def run_episodes(policy_for, memory_length, n=8, seed=0):
+    """Each env's first episode in a vector env: returns (n,), observations (n, T+1, 3), actions (n, T)."""
+    env = gym.vector.SyncVectorEnv([lambda: gym.make(ENV_ID, memory_length=memory_length) for _ in range(n)])
     obs, _ = env.reset(seed=seed)
     policy = policy_for(n)
     start, total = np.ones(n, bool), np.zeros(n)
-    actions, cue = [], obs.argmax(-1)
-    for _ in range(episode_length(num_decks)):
+    observations, actions = [obs], []
+    for _ in range(episode_length(memory_length)):
         a = policy(obs, start)
         actions.append(a)
         obs, r, term, trunc, _ = env.step(a)
+        observations.append(obs)
         total += r
         start = term | trunc
-    assert start.all()  # every episode ended after exactly 52 * num_decks - 1 steps
+    assert start.all() and not trunc.any()  # every episode terminated after exactly L + 1 actions
     env.close()
-    return total, np.array(actions).T, cue
+    return total, np.stack(observations, 1), np.array(actions).T
 
 
-@pytest.mark.parametrize("num_decks", [1, 2])
-def test_the_expert_always_answers_the_first_card(num_decks):
-    returns, actions, cue = run_episodes(lambda n: FirstCuePolicy(n), num_decks)
-    np.testing.assert_allclose(returns, 1.0)
-    assert all(cue_success(a, c)[50] == 1.0 for a, c in zip(actions, cue))
-    assert gym.make(ENV_ID).observation_space == gym.spaces.Box(0.0, 1.0, (4,), np.float32)
+class LastK:
+    """A policy with no memory beyond its last K observations: at the decision it answers a context
+    it sees among them, or guesses. It is at chance once the cue is K or more steps back."""
+
+    def __init__(self, n, memory_length, K=20, seed=0):
+        self.L, self.K, self.t = memory_length, K, np.zeros(n, int)
+        self.window, self.rng = [[] for _ in range(n)], np.random.default_rng(seed)
+
+    def __call__(self, obs, start):
+        self.t = np.where(start, 0, self.t + 1)
+        actions = self.rng.integers(0, 2, len(self.t))
+        for i, o in enumerate(obs):
+            self.window[i] = ([] if start[i] else self.window[i])[-(self.K - 1):] + [o]
+            seen = [w[2] for w in self.window[i] if w[2] != 0]
+            if self.t[i] == self.L and seen:
+                actions[i] = int(seen[-1] > 0)
+        return actions
+
+
+def test_spaces_and_episode_length():
+    env = gym.make(env_id(50))
+    assert env.observation_space == gym.spaces.Box(np.array([0, 0, -1], np.float32), 1.0, (3,), np.float32)
+    assert env.action_space == gym.spaces.Discrete(2) and env.unwrapped.memory_length == 51 == memory_length_for(50)
+    obs, info = env.reset(seed=0)
+    assert obs.dtype == np.float32 and obs.shape == (3,) and info["context"] in (-1, 1)
+    for t in range(episode_length(51) - 1):
+        obs, r, term, trunc, _ = env.step(0)
+        assert r == 0.0 and not term and not trunc, t
+    obs, r, term, trunc, info = env.step(0)
+    assert term and not trunc and r in (-1.0, 1.0) and info["success"] == (r > 0)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.unwrapped.step(0)
     from aaren_rl.evaluate import check_env_matches
 
-    check_env_matches("aaren_rl.memory:RepeatFirst100-v0", 4, 4, True, "a test")  # a module: id resolves
+    check_env_matches("aaren_rl.memory:MemoryLength100-v0", 3, 2, True, "a test")  # a module: id resolves
 
 
-def test_random_and_short_memory_are_at_chance_beyond_their_reach():
-    returns, actions, cue = run_episodes(lambda n: FirstCuePolicy(n, epsilon=1.0, seed=1), 10, n=8)
-    assert -0.6 < returns.mean() < -0.4  # a quarter right: 0.25 - 0.75
-    rates = [cue_success(a, c)[100] for a, c in zip(actions, cue)]
-    assert 0.18 < np.mean(rates) < 0.32
-
-    class LastK:  # remembers the cue for K = 20 steps, then answers the latest card (no memory)
-        def __init__(self, n):
-            self.t, self.cue = np.zeros(n, int), np.zeros(n, int)
-
-        def __call__(self, obs, start):
-            self.t = np.where(start, 0, self.t + 1)
-            self.cue = np.where(start, obs.argmax(-1), self.cue)
-            return np.where(self.t < 20, self.cue, obs.argmax(-1))
-
-    _, actions, cue = run_episodes(LastK, 2, n=8)
-    success = [cue_success(a, c) for a, c in zip(actions, cue)]
-    assert all(s[0] > 0.18 for s in success) and np.mean([s[20] for s in success]) < 0.35
-    assert cue_success(np.zeros(30), 0)[50] is None  # an episode shorter than the distance
+def test_the_context_is_shown_in_the_first_two_observations_only():
+    _, observations, _ = run_episodes(lambda n: ContextPolicy(n, 30), 30, n=16)
+    context = observations[:, 0, 2]
+    assert set(context) == {-1.0, 1.0}  # both contexts occur among 16 episodes
+    np.testing.assert_array_equal(observations[:, 1, 2], context)  # bsuite's first step repeats it
+    assert (observations[:, 2:, 2] == 0).all()
+    np.testing.assert_allclose(observations[0, :, 0], [1.0] + [1 - t / 30 for t in range(31)], atol=1e-6)
+    assert (observations[:, :, 1] == 0).all()  # one bit: the query is always 0
 
 
-def test_bad_task_settings_fail_clearly():
-    with pytest.raises(ValueError, match="num_decks must be a positive integer"):
-        gym.make(ENV_ID, num_decks=0)
+def test_episodes_are_reproducible_under_a_seed():
+    def contexts(seed):
+        env = gym.make(ENV_ID, memory_length=5)
+        first = env.reset(seed=seed)[1]["context"]
+        return [first] + [env.reset()[1]["context"] for _ in range(19)]
+
+    assert contexts(1) == contexts(1)
+    assert contexts(1) != contexts(2)
+    assert 0 < contexts(3).count(1) < 20
+
+
+def test_the_expert_succeeds_random_is_at_chance_and_a_20_step_window_is_at_chance_beyond_it():
+    returns, _, actions = run_episodes(lambda n: ContextPolicy(n, 51), 51, n=8)
+    assert success_rate(returns) == 1.0 and (returns == 1.0).all()
+    # the expert's corridor is random: its previous action says nothing about the answer
+    assert 0 < (actions[:, -2] == actions[:, -1]).sum() < 8
+    returns, _, _ = run_episodes(lambda n: ContextPolicy(n, 51, epsilon=1.0, seed=1), 51, n=200)
+    assert abs(success_rate(returns) - CHANCE) < 0.1
+    returns, _, _ = run_episodes(lambda n: LastK(n, 51), 51, n=200)  # d = 50 > K = 20
+    assert abs(success_rate(returns) - CHANCE) < 0.1
+    returns, _, _ = run_episodes(lambda n: LastK(n, 20), 20, n=20)  # d = 19 < K: the cue is in view
+    assert success_rate(returns) == 1.0
+    returns, _, _ = run_episodes(lambda n: LastK(n, 21), 21, n=200)  # d = 20 = K: just out of view
+    assert abs(success_rate(returns) - CHANCE) < 0.1
+
+
+def test_bad_settings_fail_clearly():
+    with pytest.raises(ValueError, match="memory_length must be a positive integer"):
+        gym.make(ENV_ID, memory_length=0)
+    with pytest.raises(ValueError, match="memory_length is required"):
+        gym.make(ENV_ID)
     with pytest.raises(ValueError, match="epsilon"):
-        FirstCuePolicy(2, epsilon=1.5)
+        ContextPolicy(2, 10, epsilon=1.5)
+    with pytest.raises(ValueError, match="cue distance"):
+        env_id(42)
+    with pytest.raises(ValueError, match="at least one"):
+        success_rate([])
 
 
-def test_datasets_are_made_with_the_expert_and_train_a_discrete_agent(tmp_path):
+def test_a_missing_bsuite_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bsuite.environments.memory_chain", None)
+    with pytest.raises(ImportError, match=r"pip install 'aaren-rl\[memory\]'"):
+        gym.make(ENV_ID, memory_length=3)
+
+
+def test_datasets_tiers_and_a_discrete_agent_trains_on_them(tmp_path):
     from aaren_rl.data import load_dataset
     from aaren_rl.memory import collect_datasets
     from aaren_rl.train import TrainConfig, make_update_step, model_config_for
 
-    rep = collect_datasets(tmp_path, 50, episodes=6, seed=0)
+    rep = collect_datasets(tmp_path, 50, episodes=40, seed=0)
     tiers = rep["tiers"]
-    assert rep["ref_max_score"] == 1.0 and -0.7 < rep["ref_min_score"] < -0.3
-    assert tiers["expert"]["success_by_distance"][20] == 1.0
-    assert 0.45 < tiers["medium"]["success_by_distance"][0] < 0.8  # half its answers random
-    assert tiers["medium-expert"]["episodes"] == 12 and tiers["medium-expert"]["steps"] == 12 * 51
+    assert rep["ref_max_score"] == 1.0 and -0.4 < rep["ref_min_score"] < 0.4 and rep["memory_length"] == 51
+    assert tiers["expert"]["success_rate"] == 1.0
+    assert 0.3 < tiers["random"]["success_rate"] < 0.7
+    assert 0.6 < tiers["medium"]["success_rate"] < 0.9  # half its answers random: 0.75
+    assert tiers["medium-expert"]["episodes"] == 80 and tiers["medium-expert"]["steps"] == 80 * 52
     ds = load_dataset(tiers["medium-expert"]["hdf5"])
-    assert ds.discrete and ds.action_dim == 4 and ds.observation_dim == 4 and ds.ref_max_score == 1.0
+    assert ds.discrete and ds.action_dim == 2 and ds.observation_dim == 3 and ds.ref_max_score == 1.0
     mc = model_config_for(ds, backbone="aaren", context="episode", n_layer=1, embed_dim=16, n_head=1, dropout=0.0)
     update = make_update_step(mc, TrainConfig(batch_size=2, warmup_steps=1, device="cpu", compile="none"), ds)
     for _ in range(2):
@@ -87,18 +145,17 @@ def test_datasets_are_made_with_the_expert_and_train_a_discrete_agent(tmp_path):
     assert np.isfinite(update.pop_mean_loss())
 
 
-def test_evaluate_success_scores_a_policy_by_cue_distance():
-    from aaren_rl.memory import evaluate_success, env_id
+def test_evaluate_success_scores_a_policy():
+    from aaren_rl.memory import evaluate_success
 
-    class Expert:  # StreamingPolicy's predict interface around the scripted expert
+    class Scripted:  # StreamingPolicy's predict interface around the scripted expert
         def __init__(self, epsilon):
-            self.p = FirstCuePolicy(1, epsilon, seed=0)
+            self.p = ContextPolicy(1, memory_length_for(50), epsilon, seed=0)
 
         def predict(self, obs, state, episode_start=None, reward=None):
             return self.p(np.asarray(obs)[None], np.asarray(episode_start)), state
 
-    res = evaluate_success(Expert(0.0), env_id(100), episodes=3, seed=0)
-    assert res["return_mean"] == pytest.approx(1.0) and set(res["success_by_distance"]) == {0, 20, 50, 100}
-    assert all(v == 1.0 for v in res["success_by_distance"].values())
-    res = evaluate_success(Expert(1.0), env_id(50), episodes=5, seed=0)
-    assert 0.1 < res["success_by_distance"][20] < 0.45
+    res = evaluate_success(Scripted(0.0), env_id(50), episodes=5, seed=0)
+    assert res["return_mean"] == 1.0 and res["success_rate"] == 1.0
+    res = evaluate_success(Scripted(1.0), env_id(50), episodes=60, seed=0)
+    assert 0.3 < res["success_rate"] < 0.7
