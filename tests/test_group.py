@@ -264,6 +264,24 @@ set = {json.dumps(TINY)}
     cells = json.loads((tmp_path / "cells.json").read_text())["cells"]
     assert {c["column"] for c in cells} == {"DT, window", "DA window-trained, stream", "DA window-trained, window recompute"}
     assert all(c["seeds"] == [0, 1] and len(c["normalized"]) == 2 for c in cells)
+    # the per-run JSONs (with loss curves from the run folders), the plots and the markdown block
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nprose kept\n")
+    out = subprocess.run([sys.executable, "scripts/suite_table.py", str(tmp_path / "sweep" / "sweep.json"),
+                          "--runs-dir", str(tmp_path / "suite"), "--plots", str(tmp_path / "plots"),
+                          "--markdown", str(doc)], capture_output=True, text=True, check=True).stdout
+    per_run = [json.loads(p.read_text()) for p in sorted((tmp_path / "suite").glob("*.json"))]
+    assert len(per_run) == 12  # 4 DT runs, 4 Aaren runs acting two ways
+    assert {(r["agent"], r["mode"]) for r in per_run} == {("decision_transformer", "window"),
+                                                          ("decision_aaren", "recurrent"), ("decision_aaren", "window")}
+    assert all(r["updates"] == 4 and r["episodes"] == 1 and r["loss_curve"] for r in per_run)
+    assert "mean over 2 datasets" in out and "policy ms per step" in out
+    assert len(list((tmp_path / "plots").glob("suite_*.png"))) == 2
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nprose kept\n") and text.count("<!-- suite-table:begin -->") == 1
+    again = subprocess.run([sys.executable, "scripts/suite_table.py", "--runs-dir", str(tmp_path / "suite"),
+                            "--markdown", str(doc)], capture_output=True, text=True, check=True).stdout
+    assert again.split("\n")[:20] == out.split("\n")[:20] and doc.read_text() == text  # rebuilt from the JSONs alone
     folder = next((tmp_path / "sweep" / "decision_transformer").glob("*tier1/s1"))
     model, info = load_checkpoint(folder)
     assert model.config.backbone == "transformer" and info["group"]["runs"] == 4
