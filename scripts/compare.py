@@ -105,7 +105,7 @@ def _set_from_command(command: str) -> list[str]:
     if "--set" not in words:
         return []
     rest = words[words.index("--set") + 1:]
-    return [w for w in rest[:next((i for i, w in enumerate(rest) if w.startswith("--")), len(rest))]]
+    return rest[:next((i for i, w in enumerate(rest) if w.startswith("--")), len(rest))]
 
 
 def main(argv=None) -> int:
@@ -132,7 +132,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     meta = {"env": env["env_id"], "target_return": target, "updates": args.updates, "device": args.device,
             "machine": machine(), "eval_seed": f"{EVAL_SEED} + seed", "command": " ".join(sys.argv),
-            "set": list(args.set)}
+            "set": list(args.set),
+            # what --demo-settings meant when this ran (the demo's settings change between versions)
+            "demo_settings": {agent: agent_overrides(agent, args) for agent in args.agents} if args.demo_settings else None}
     rows = []
     for source in args.datasets:
         ds = load_dataset(resolve_dataset(source), env_id=env["env_id"])
