@@ -255,7 +255,7 @@ def _space_bounds(space):
 
 def env_spec(env_id: str):
     """gymnasium's spec of ``env_id``; a ``module:Name-vN`` id imports its module first, as
-    ``gym.make`` does (e.g. ``aaren_rl.memory:RepeatFirst50-v0``). Raises gymnasium's error."""
+    ``gym.make`` does (e.g. ``aaren_rl.memory:MemoryLength50-v0``). Raises gymnasium's error."""
     import importlib
 
     import gymnasium as gym
