@@ -203,9 +203,9 @@ def plot(cs: list[dict], recs: list[dict], out_dir: Path) -> list[Path]:
     for dataset in dict.fromkeys(x["dataset"] for x in cs):
         fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 3.6))
         for agent in dict.fromkeys(x["agent"] for x in cs if x["dataset"] == dataset):
-            curves = [r["loss_curve"] for r in recs if r["dataset"] == dataset and r["agent"] == agent
-                      and r.get("loss_curve")]
-            curves = list({id(c): c for c in curves}.values())
+            # one curve per seed (a run acting two ways has one training curve)
+            curves = list({r["seed"]: r["loss_curve"] for r in recs if r["dataset"] == dataset
+                           and r["agent"] == agent and r.get("loss_curve")}.values())
             if curves:
                 n = min(len(c) for c in curves)
                 steps = [p[0] for p in curves[0][:n]]
