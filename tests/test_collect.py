@@ -324,3 +324,20 @@ def test_locomotion_suite_presets_are_complete():
         assert cfg.algorithm in collect_module.LIBRARIES[cfg.library][1]
         assert cfg.resume_every > 0 and cfg.tier_steps >= 200_000 and not cfg.deterministic
     assert config_for("ant", p.parse_args(["--suite", "locomotion"])).d4rl_ref_max == 3879.7
+
+
+def test_presets_references_match_the_committed_data_reports():
+    """An env preset's ref_min / ref_max are what scores are normalized with (``aaren-rl sweep``
+    passes them to every run): they must be the references of the data committed for it."""
+    from pathlib import Path
+
+    from aaren_rl.cli.presets import resolve_env
+
+    reports = sorted((Path(__file__).parents[1] / "benchmarks" / "results").glob("data_*.json"))
+    assert reports, "no committed data report"
+    for path in reports:
+        report = json.loads(path.read_text())
+        env = resolve_env(path.stem.removeprefix("data_"))
+        assert env["env_id"] == report["env_id"]
+        assert env["ref_min"] == pytest.approx(report["ref_min_score"], abs=0.05), path.name
+        assert env["ref_max"] == pytest.approx(report["ref_max_score"], abs=0.05), path.name

@@ -294,6 +294,35 @@ set = {json.dumps(TINY)}
     assert "from update 4" in capsys.readouterr().out
 
 
+def test_one_sweep_mixes_environments_named_by_their_data_folders(tmp_path, capsys):
+    """collect's DATA/PRESET/TIER.hdf5 files name their env preset: HalfCheetah and Walker2d (both
+    17 observations, 6 actions) train as one group, each run with its own env, references and target."""
+    from aaren_rl.cli.presets import resolve_env
+    from argparse import Namespace
+
+    from aaren_rl.cli.sweep import _train_args, env_preset_of, load_runs, plan_groups
+
+    rng = np.random.default_rng(0)
+    files = []
+    for preset, env_id in (("halfcheetah", "HalfCheetah-v5"), ("walker2d", "Walker2d-v5")):
+        episodes = [RawEpisode(observations=rng.normal(size=(21, 17)).astype(np.float32),
+                               actions=rng.uniform(-1, 1, size=(20, 6)).astype(np.float32),
+                               rewards=rng.normal(size=20).astype(np.float32), terminated=False, truncated=True)
+                    for _ in range(3)]
+        files.append(write_hdf5(tmp_path / "data" / preset / "medium.hdf5", episodes, env_id,
+                                action_low=[-1.0] * 6, action_high=[1.0] * 6))
+    assert [env_preset_of(str(f)) for f in files] == ["halfcheetah", "walker2d"]
+    assert env_preset_of("walker2d/medium") == "walker2d" and env_preset_of(str(tmp_path / "x" / "m.hdf5")) is None
+    train_args = _train_args(Namespace(), set=TINY, updates=4, device="cpu", eval_episodes=1, eval_every=0)
+    runs = load_runs([("decision_aaren", str(f)) for f in files], [0, 1], train_args, None,
+                     lambda a, s, seed: tmp_path / "out" / s.replace("/", "_") / f"s{seed}", progress=False)
+    for run, preset in zip(runs, ["halfcheetah"] * 2 + ["walker2d"] * 2):
+        env = resolve_env(preset)
+        assert run.config.env_id == env["env_id"] and run.config.target_return == env["target_returns"][0]
+        assert run.dataset.ref_max_score == pytest.approx(env["ref_max"])
+    assert [len(members) for _, members in plan_groups(runs, 64)] == [4]
+
+
 def test_sweep_trains_segment_runs_one_at_a_time(tmp_path, pendulum_files, capsys):
     out = tmp_path / "seg"
     assert main(["sweep", "--agents", "decision_aaren_segment", "--datasets", str(pendulum_files[0]), "--seeds", "0", "1",

@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dataset sources as `aaren-rl train --dataset` takes them (e.g. hopper/medium)")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0)")
     p.add_argument("--env", help="env preset or gymnasium id for every dataset (default: the PRESET of "
-                                 "PRESET/TIER sources, else the dataset's environment)")
+                                 "PRESET/TIER sources and of collect's DIR/PRESET/TIER.hdf5 files, else the "
+                                 "dataset's environment); without it one sweep may mix environments")
     p.add_argument("--updates", type=int, help="gradient updates per run (default: each agent preset's)")
     p.add_argument("--eval-episodes", type=int, help="episodes of each run's final evaluation (default: 20)")
     p.add_argument("--set", nargs="+", metavar="SECTION.KEY=VALUE", help="override preset values of every agent")
@@ -63,6 +64,14 @@ def dataset_label(source: str) -> str:
     return base if base and version.isdigit() else label
 
 
+def env_preset_of(source: str) -> str | None:
+    """The env preset a dataset source names, if any: ``walker2d/medium`` (PRESET/TIER) or a file
+    ``collect --hdf5`` wrote, ``.../walker2d/medium.hdf5`` (its folder is the preset's name)."""
+    path = Path(source)
+    name = path.parent.name if path.suffix == ".hdf5" else (source.split("/")[0] if "/" in source else "")
+    return name if name and name in available("envs") else None
+
+
 def load_runs(pairs, seeds, train_args: dict, env_name: str | None, folder_of, progress=True):
     """Run objects for (agent, source) x seeds; each dataset is loaded once."""
     from aaren_rl.data import load_dataset
@@ -72,9 +81,7 @@ def load_runs(pairs, seeds, train_args: dict, env_name: str | None, folder_of, p
 
     loaded, runs = {}, []
     for agent, source in pairs:
-        env_for = env_name
-        if env_for is None and "/" in source and source.split("/")[0] in available("envs") and not source.endswith(".hdf5"):
-            env_for = source.split("/")[0]
+        env_for = env_name or env_preset_of(source)
         env = resolve_env(env_for) if env_for else None
         key = (source, env_for)
         if key not in loaded:
