@@ -80,6 +80,11 @@ if __name__ == "__main__":
     p.add_argument("--out", default="runs/memory", help="run folders (default: runs/memory)")
     p.add_argument("--results", default="benchmarks/results/memory", help="per-run JSON (default: benchmarks/results/memory)")
     p.add_argument("--threads", type=positive(int), default=1, help="torch CPU threads (default: 1)")
+    p.add_argument("--device", default="cpu",
+                   help="where to train: cpu, cuda, cuda:1, ...; evaluation always runs on the CPU (default: cpu)")
+    p.add_argument("--compile", default="none", choices=["none", "cudagraph", "torch.compile", "torch.compile+cudagraph"],
+                   help="train.compile for every run; on CUDA 'cudagraph' replays each update as one graph without "
+                        "compiling, cheap to start when many runs start at once (default: none)")
     p.add_argument("--table-from", nargs="+", metavar="RUN.json", default=None,
                    help="print the table of saved per-run JSON files and stop (default: train and evaluate)")
     args = p.parse_args()
@@ -106,13 +111,13 @@ if __name__ == "__main__":
     from aaren_rl.output import write_json
     from aaren_rl.policy import StreamingPolicy
 
-    rows, run_settings = [], settings(args.lr)
+    rows, run_settings = [], settings(args.lr) + [f"train.compile={args.compile}"]
     for agent in args.agents:
         for seed in args.seeds:
             run = Path(args.out) / f"d{args.distance}" / f"{agent}-s{seed}"
             t0 = time.perf_counter()
             cli(["train", "--agent", agent, "--dataset", str(dataset), "--updates", str(args.updates), "--seed", str(seed),
-                 "--eval-every", "0", "--eval-episodes", "0", "--checkpoint-every", str(args.updates), "--device", "cpu",
+                 "--eval-every", "0", "--eval-episodes", "0", "--checkpoint-every", str(args.updates), "--device", args.device,
                  "--threads", str(args.threads), "--logdir", str(run), "--no-progress",
                  "--set", *run_settings, f"train.batch_size={AGENTS[agent]}"])
             train_s = time.perf_counter() - t0
@@ -127,7 +132,8 @@ if __name__ == "__main__":
                    "random_tier_success": report["tiers"]["random"]["success_rate"],
                    "return_mean": res["return_mean"], "episodes": res["episodes"], "train_seconds": train_s,
                    "eval_seconds": time.perf_counter() - t0, "settings": run_settings, "batch_size": AGENTS[agent],
-                   "target_return": report["ref_max_score"], "eval_seed": f"{EVAL_SEED} + i"}
+                   "target_return": report["ref_max_score"], "eval_seed": f"{EVAL_SEED} + i",
+                   "train_device": args.device, "eval_device": "cpu"}
             write_json(Path(args.results) / f"d{args.distance}_{agent}_s{seed}.json", out)
             rows.append(out)
             print(f"{agent} seed {seed}: success {res['success_rate']:.2f} (return {res['return_mean']:.2f}), "
