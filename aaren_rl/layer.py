@@ -206,15 +206,19 @@ class Aaren(nn.Module):
     constant-size ``AarenState``. ``y[:, k]`` attends to tokens ``0..k`` inclusive.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int = 1, bias: bool = True, scan_chunk: int = SCAN_CHUNK):
+    def __init__(self, embed_dim: int, num_heads: int = 1, bias: bool = True, scan_chunk: int = SCAN_CHUNK,
+                 query_init: float = 0.02):
         super().__init__()
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.head_dim = embed_dim // num_heads
         self.scan_chunk = scan_chunk
-        # the RNN's "initial hidden state": one query per head, not computed from the input
-        self.query = nn.Parameter(torch.randn(num_heads, self.head_dim) * 0.02)
+        if not query_init >= 0:
+            raise ValueError(f"query_init must be a non-negative std, got {query_init}")
+        # the RNN's "initial hidden state": one query per head, not computed from the input,
+        # drawn from N(0, query_init^2)
+        self.query = nn.Parameter(torch.randn(num_heads, self.head_dim) * query_init)
         self.kv = nn.Linear(embed_dim, 2 * embed_dim, bias=bias)
         self.out = nn.Linear(embed_dim, embed_dim, bias=bias)
 

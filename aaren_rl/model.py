@@ -41,6 +41,9 @@ class ModelConfig:
     context_len: int = 20  # K, timesteps per training window or segment
     max_timestep: int = 1000  # size of the timestep embedding; later timesteps share the last row
     return_scale: float = 1000.0  # returns-to-go are divided by this (DT: 1000 for MuJoCo)
+    # Aaren only: std of the learned query's initial draw (GPT-2's 0.02, as every other weight);
+    # the score of a token is q . k, so a small q keeps attention near-uniform for longer
+    query_init: float = 0.02
     # filled in from the dataset
     observation_dim: int = 0
     action_dim: int = 0  # continuous: number of action dims; discrete: number of actions
@@ -58,6 +61,7 @@ class ModelConfig:
             "context_len": self.context_len > 0,
             "max_timestep": self.max_timestep > 0,
             "return_scale": self.return_scale > 0,
+            "query_init": self.query_init >= 0,
             "observation_dim": self.observation_dim > 0,
             "action_dim": self.action_dim > 0,
             "action_low": self.discrete or len(self.action_low) == len(self.action_high) == self.action_dim,
@@ -65,7 +69,7 @@ class ModelConfig:
         expected = {
             "backbone": "'aaren' or 'transformer'",
             "context": "'window' or 'episode', or 'segment' with backbone 'aaren'",
-            "embed_dim": "a positive multiple of n_head", "dropout": "in [0, 1)",
+            "embed_dim": "a positive multiple of n_head", "dropout": "in [0, 1)", "query_init": "a non-negative std",
             "action_low": "action_low and action_high with action_dim entries each",
         }
         for name, ok in checks.items():
@@ -100,7 +104,7 @@ class DecisionModel(nn.Module):
         self.embed_state = nn.Linear(c.observation_dim, E)
         self.embed_action = nn.Embedding(c.action_dim, E) if c.discrete else nn.Linear(c.action_dim, E)
         self.embed_ln = nn.LayerNorm(E)
-        self.backbone = Backbone(c.backbone, c.n_layer, E, c.n_head, c.dropout)
+        self.backbone = Backbone(c.backbone, c.n_layer, E, c.n_head, c.dropout, c.query_init)
         self.predict_action = nn.Linear(E, c.action_dim)
         # everything needed to act from a checkpoint travels with the weights
         self.register_buffer("obs_mean", torch.as_tensor(obs_mean if obs_mean is not None else torch.zeros(c.observation_dim), dtype=torch.float32))

@@ -85,6 +85,9 @@ if __name__ == "__main__":
     p.add_argument("--compile", default="none", choices=["none", "cudagraph", "torch.compile", "torch.compile+cudagraph"],
                    help="train.compile for every run; on CUDA 'cudagraph' replays each update as one graph without "
                         "compiling, cheap to start when many runs start at once (default: none)")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", default=[],
+                   help="more settings for every run, after the protocol's (e.g. model.query_init=1.0; "
+                        "see aaren-rl train --help) (default: none)")
     p.add_argument("--table-from", nargs="+", metavar="RUN.json", default=None,
                    help="print the table of saved per-run JSON files and stop (default: train and evaluate)")
     args = p.parse_args()
@@ -111,7 +114,7 @@ if __name__ == "__main__":
     from aaren_rl.output import write_json
     from aaren_rl.policy import StreamingPolicy
 
-    rows, run_settings = [], settings(args.lr) + [f"train.compile={args.compile}"]
+    rows, run_settings = [], settings(args.lr) + [f"train.compile={args.compile}"] + args.set
     for agent in args.agents:
         for seed in args.seeds:
             run = Path(args.out) / f"d{args.distance}" / f"{agent}-s{seed}"

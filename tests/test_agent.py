@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from aaren_rl.model import ModelConfig
+from aaren_rl.model import DecisionModel, ModelConfig
 from aaren_rl.policy import StreamingPolicy
 from helpers import make_model
 
@@ -162,6 +162,8 @@ def test_bad_policy_inputs_fail_clearly():
 def test_model_config_rejects_bad_values():
     with pytest.raises(ValueError, match="bad backbone = 'lstm'"):
         ModelConfig(backbone="lstm", observation_dim=3, action_dim=1, action_low=[-1], action_high=[1]).validate()
+    with pytest.raises(ValueError, match="bad query_init = -1.0; expected a non-negative std"):
+        ModelConfig(query_init=-1.0, observation_dim=3, action_dim=1, action_low=[-1], action_high=[1]).validate()
     with pytest.raises(ValueError, match="bad context"):
         ModelConfig(context="all", observation_dim=3, action_dim=1, action_low=[-1], action_high=[1]).validate()
     with pytest.raises(ValueError, match="bad action_low"):
@@ -265,3 +267,18 @@ def test_segment_training_learns():
         update()
         losses.append(update.pop_mean_loss())
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+
+
+def test_query_init_sets_the_std_of_every_aaren_query_and_nothing_else():
+    kw = dict(embed_dim=64, n_head=2, observation_dim=3, action_dim=1, action_low=[-1], action_high=[1])
+    torch.manual_seed(0)
+    default = DecisionModel(ModelConfig(**kw))
+    torch.manual_seed(0)
+    wide = DecisionModel(ModelConfig(query_init=1.0, **kw))
+    for a, b in zip(default.backbone.blocks, wide.backbone.blocks):
+        qa, qb = a.mixer.query, b.mixer.query  # 2 heads x 32: 64 draws each
+        assert 0.01 < qa.std().item() < 0.03 and 0.7 < qb.std().item() < 1.3
+        torch.testing.assert_close(qb, qa / 0.02)  # the same draw, scaled: the RNG stream is unchanged
+    other = lambda m: {k: v for k, v in m.state_dict().items() if not k.endswith("mixer.query")}
+    for (k, v), w in zip(other(default).items(), other(wide).values()):
+        torch.testing.assert_close(v, w, msg=k)
