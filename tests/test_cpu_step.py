@@ -302,3 +302,23 @@ def test_the_library_is_built_in_a_private_folder_and_never_elsewhere(tmp_path, 
         cpu_step.load_library.cache_clear()
     monkeypatch.undo()
     assert isinstance(cpu_step.load_library(), ctypes.CDLL)
+
+
+@needs_compiler
+def test_bench_step_times_the_memory_tasks_agents_with_their_shapes(tmp_path):
+    import json
+
+    from aaren_rl.cli import main
+
+    out = tmp_path / "step.json"
+    assert main(["bench", "step", "--shape", "memory", "--quick", "--batch", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["model"]["shape"] == "memory" and res["model"]["discrete"] is True
+    assert (res["model"]["embed_dim"], res["model"]["observation_dim"], res["model"]["action_dim"]) == (64, 3, 2)
+    aaren = res["memory"]["aaren_compiled"]["points"]
+    assert {p["state_bytes"] for p in aaren} == {3 * (64 + 2) * 4}  # 3 layers x (w: 64, m and u: 1 each) float32
+    cache = res["memory"]["dt_kvcache"]["points"]
+    # the whole-episode cache grows by the same bytes every step: 3 tokens x 3 layers x (key and value,
+    # 64 float32 each, and a validity flag)
+    assert len(cache) > 3 and all(p["cache_bytes"] == p["step"] * 3 * 3 * (2 * 64 * 4 + 1) for p in cache)
+    assert main(["bench", "step", "--shape", "memory", "--engine", "onnxruntime", "--quick"]) == 2  # not silently ignored

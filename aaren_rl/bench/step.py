@@ -4,7 +4,8 @@
 what follows is the default engine, PyTorch with the compiled C step.
 
 The agents have Decision Transformer's MuJoCo setting (3 layers, width 128, 1 head, K = 20) and
-HalfCheetah's shapes (observation 17, action 6). All of them run in one process, one torch thread,
+HalfCheetah's shapes (observation 17, action 6); ``--shape memory`` gives the memory task's agents
+instead (``aaren_rl.memory``, docs/results.md: width 64, observation 3, 2 discrete actions). All of them run in one process, one torch thread,
 eval mode, through ``StreamingPolicy.predict`` (input checks and episode bookkeeping included).
 They are timed in interleaved rounds, so that a change in the machine's load hits all of them
 alike:
@@ -51,8 +52,14 @@ from ..policy import StreamingPolicy
 from ..output import markdown_table, write_json
 from . import common
 
-OBS_DIM, ACT_DIM = 17, 6  # HalfCheetah
-TARGET_RETURN = 6000.0  # DT's HalfCheetah target return
+# the agents' shapes: observation and action dims, width, whether actions are discrete, the target
+# return they are conditioned on
+SHAPES = {
+    "halfcheetah": dict(obs_dim=17, act_dim=6, embed_dim=128, discrete=False, target_return=6000.0),  # DT's target
+    "memory": dict(obs_dim=3, act_dim=2, embed_dim=64, discrete=True, target_return=1.0),  # bsuite memory_len
+}
+OBS_DIM, ACT_DIM = SHAPES["halfcheetah"]["obs_dim"], SHAPES["halfcheetah"]["act_dim"]
+TARGET_RETURN = SHAPES["halfcheetah"]["target_return"]
 METHODS = ("aaren_compiled", "aaren_compiled_bf16", "aaren_torch", "dt_window", "dt_kvcache")
 LABELS = {
     "aaren_compiled": "Decision Aaren, compiled C step",
@@ -63,13 +70,17 @@ LABELS = {
 }
 
 
-def make_model(backbone: str, seed: int = 0) -> DecisionModel:
+def make_model(backbone: str, seed: int = 0, shape: str = "halfcheetah") -> DecisionModel:
     torch.manual_seed(seed)
-    cfg = ModelConfig(backbone=backbone, context="episode", context_len=20, observation_dim=OBS_DIM,
-                      action_dim=ACT_DIM, action_low=[-1.0] * ACT_DIM, action_high=[1.0] * ACT_DIM)
+    sh = SHAPES[shape]
+    obs, act = sh["obs_dim"], sh["act_dim"]
+    bounds = {} if sh["discrete"] else dict(action_low=[-1.0] * act, action_high=[1.0] * act)
+    cfg = ModelConfig(backbone=backbone, context="episode", context_len=20, observation_dim=obs, action_dim=act,
+                      embed_dim=sh["embed_dim"], discrete=sh["discrete"], **bounds)
     rng = np.random.default_rng(seed)
-    model = DecisionModel(cfg, obs_mean=torch.as_tensor(rng.normal(size=OBS_DIM), dtype=torch.float32),
-                          obs_std=torch.as_tensor(rng.uniform(0.5, 2, OBS_DIM), dtype=torch.float32))
+    model = DecisionModel(cfg, obs_mean=torch.as_tensor(rng.normal(size=obs), dtype=torch.float32),
+                          obs_std=torch.as_tensor(rng.uniform(0.5, 2, obs), dtype=torch.float32))
+    model.target_return = sh["target_return"]  # what the benchmark's policies are conditioned on
     return model.eval()
 
 
@@ -94,9 +105,9 @@ def rss_bytes() -> int:
 class Inputs:
     """A small pool of observations and rewards, cycled (no random numbers drawn while timing)."""
 
-    def __init__(self, n: int, seed: int = 0):
+    def __init__(self, n: int, seed: int = 0, obs_dim: int = OBS_DIM):
         rng = np.random.default_rng(seed)
-        self.obs = rng.normal(size=(64, n, OBS_DIM)).astype(np.float32)
+        self.obs = rng.normal(size=(64, n, obs_dim)).astype(np.float32)
         self.rew = rng.normal(size=(64, n)).astype(np.float32)
         self.i = 0
 
@@ -110,13 +121,13 @@ def make_stepper(method: str, n: int, history: int, models: dict):
     Its ``prepare`` (if any) runs untimed before each timed call."""
     from ..backends import CompiledStep
 
-    inp = Inputs(n)
     model = models["transformer" if method.startswith("dt") else "aaren"]
+    inp = Inputs(n, obs_dim=model.config.observation_dim)
     mode = "window" if method == "dt_window" else "recurrent"
     backend = {"aaren_compiled": "compiled", "aaren_torch": "torch"}.get(method, "auto")
     if method == "aaren_compiled_bf16":
         backend = CompiledStep(model, precision="bfloat16")
-    policy = StreamingPolicy(model, TARGET_RETURN, mode=mode, backend=backend)
+    policy = StreamingPolicy(model, model.target_return, mode=mode, backend=backend)
     state = None
     warm = min(history, 3 * policy.model.config.context_len) if method == "dt_window" else history  # full after K
     for t in range(warm):
@@ -164,8 +175,8 @@ def log_points(n: int, per_decade: int = 4) -> list[int]:
 
 def memory_aaren(model, steps: int, time_block: int = 200) -> dict:
     """Run the Aaren policy for ``steps`` steps; at log-spaced steps: state bytes, RSS, step time."""
-    policy = StreamingPolicy(model, TARGET_RETURN)
-    inp = Inputs(1)
+    policy = StreamingPolicy(model, model.target_return)
+    inp = Inputs(1, obs_dim=model.config.observation_dim)
     o, _ = inp.next()
     _, state = policy.predict(o)
     points = log_points(steps)
@@ -190,8 +201,8 @@ def memory_aaren(model, steps: int, time_block: int = 200) -> dict:
 
 def memory_transformer(model, steps: int, budget_s: float) -> dict:
     """The DT policy with a whole-episode cache: cache bytes, RSS and step time as it grows."""
-    policy = StreamingPolicy(model, TARGET_RETURN, mode="recurrent")
-    inp = Inputs(1)
+    policy = StreamingPolicy(model, model.target_return, mode="recurrent")
+    inp = Inputs(1, obs_dim=model.config.observation_dim)
     points = set(log_points(steps))
     rows, state, times, t_start = [], None, [], time.perf_counter()
     rss0 = rss_bytes()
@@ -273,6 +284,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                 "onnxruntime: step_onnxruntime_<machine>.json)")
     p.add_argument("--plot", default=None, help="PNG (default: next to the JSON, .png)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="numbers of environments")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="halfcheetah",
+                   help="the agents' shapes: halfcheetah (DT's MuJoCo setting: width 128, observation 17, action 6) "
+                        "or memory (the memory task's: width 64, observation 3, 2 discrete actions)")
     p.add_argument("--history", type=int, default=1000, help="t at which the torch policies are timed")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default: 20; onnxruntime: "
                                                                  "10 at each point)")
@@ -301,6 +315,10 @@ def run(args: argparse.Namespace) -> int:
     if args.engine == "onnxruntime":
         from . import step_onnxruntime
 
+        if args.shape != "halfcheetah":
+            print(f"error: --engine onnxruntime times the halfcheetah shape only, not --shape {args.shape}")
+            return 2
+
         args.rounds = 10 if args.rounds is None else args.rounds
         args.block_s = 0.05 if args.block_s is None else args.block_s
         return step_onnxruntime.run(args)
@@ -318,7 +336,8 @@ def run(args: argparse.Namespace) -> int:
     info["affinity"] = sorted(os.sched_getaffinity(0))
     info["glibc_large_blocks_from_heap"] = heap
     load_before = os.getloadavg()
-    models = {"aaren": make_model("aaren"), "transformer": make_model("transformer")}
+    models = {"aaren": make_model("aaren", shape=args.shape), "transformer": make_model("transformer", shape=args.shape)}
+    sh = SHAPES[args.shape]
     print(f"{info['cpu']}, {info['cpu_count']} cores (pinned to {info['affinity']}), torch {info['torch']}, "
           f"load {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}", flush=True)
 
@@ -363,8 +382,9 @@ def run(args: argparse.Namespace) -> int:
         }
     payload = {
         "benchmark": "step", "machine": info, "load_before": load_before, "load_after": os.getloadavg(),
-        "model": {"n_layer": 3, "embed_dim": 128, "n_head": 1, "context_len": 20, "observation_dim": OBS_DIM,
-                  "action_dim": ACT_DIM, "history": args.history},
+        "model": {"shape": args.shape, "n_layer": 3, "embed_dim": sh["embed_dim"], "n_head": 1, "context_len": 20,
+                  "observation_dim": sh["obs_dim"], "action_dim": sh["act_dim"], "discrete": sh["discrete"],
+                  "target_return": sh["target_return"], "history": args.history},
         **headline,
         "aaren_state_bytes": mem_a["points"][-1]["state_bytes"],
         "dt_kvcache_bytes_at_history": next((r["state_bytes"] for r in timing if r["method"] == "dt_kvcache"), None),
@@ -372,7 +392,8 @@ def run(args: argparse.Namespace) -> int:
         "memory": {"aaren_compiled": mem_a, "dt_kvcache": mem_t},
         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list, bool, type(None)))},
     }
-    path = Path(args.json) if args.json else common.RESULTS_DIR / f"step_cpu_{common.machine_slug(info)}.json"
+    suffix = "" if args.shape == "halfcheetah" else f"_{args.shape}"
+    path = Path(args.json) if args.json else common.RESULTS_DIR / f"step_cpu_{common.machine_slug(info)}{suffix}.json"
     write_json(path, payload)
     png = plot(payload, Path(args.plot) if args.plot else path.with_suffix(".png"))
     print()
