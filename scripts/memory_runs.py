@@ -28,8 +28,19 @@ def settings(lr: float) -> list[str]:
             "train.log_every=50"]
 
 
+PROTOCOL_KEYS = {"model.embed_dim", "model.return_scale", "train.learning_rate", "train.warmup_steps", "train.log_every",
+                 "train.compile", "train.batch_size"}
+
+
+def label(row: dict) -> str:
+    """The agent, with the settings it ran with beyond the protocol's (``--set``), if any."""
+    extra = [s for s in row.get("settings", []) if s.split("=")[0] not in PROTOCOL_KEYS]
+    return " ".join([row["agent"], *extra])
+
+
 def table(rows: list[dict]) -> str:
-    """Mean ± std over seeds of each agent's success rate at each cue distance, with the expert and chance."""
+    """Mean ± std over seeds of each agent's success rate at each cue distance, with the expert and chance.
+    Runs with other ``--set`` settings are rows of their own."""
     import numpy as np
 
     from aaren_rl.output import markdown_table
@@ -37,9 +48,9 @@ def table(rows: list[dict]) -> str:
     out = []
     for d in sorted({r["cue_distance"] for r in rows}):
         at = [r for r in rows if r["cue_distance"] == d]
-        for agent in dict.fromkeys(r["agent"] for r in at):
-            s = [r["success_rate"] for r in at if r["agent"] == agent]
-            mode = next(r["mode"] for r in at if r["agent"] == agent)
+        for agent in dict.fromkeys(label(r) for r in at):
+            s = [r["success_rate"] for r in at if label(r) == agent]
+            mode = next(r["mode"] for r in at if label(r) == agent)
             out.append([d, agent, mode, len(s), f"{np.mean(s):.2f} ± {np.std(s):.2f}"])
         out.append([d, "expert (scripted)", "-", "-", f"{at[0]['expert_success']:.2f}"])
         out.append([d, "chance (random)", "-", "-", f"{at[0]['chance_success']:.2f}"])
