@@ -159,3 +159,24 @@ def test_evaluate_success_scores_a_policy():
     assert res["return_mean"] == 1.0 and res["success_rate"] == 1.0
     res = evaluate_success(Scripted(1.0), env_id(50), episodes=60, seed=0)
     assert 0.3 < res["success_rate"] < 0.7
+
+
+def test_memory_runs_table_keeps_runs_with_other_settings_apart(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    base = {"agent": "decision_aaren_episode", "cue_distance": 100, "mode": "recurrent", "expert_success": 1.0,
+            "chance_success": 0.5, "settings": ["model.embed_dim=64", "train.learning_rate=0.0003"]}
+    runs = [dict(base, seed=0, success_rate=0.5), dict(base, seed=1, success_rate=0.5),
+            dict(base, seed=0, success_rate=1.0, settings=base["settings"] + ["model.query_init=1.0"]),
+            dict(base, seed=1, success_rate=0.0, settings=base["settings"] + ["model.query_init=1.0"])]
+    files = []
+    for i, r in enumerate(runs):
+        files.append(tmp_path / f"r{i}.json")
+        files[-1].write_text(json.dumps(r))
+    out = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "memory_runs.py"), "--table-from",
+                          *map(str, files)], capture_output=True, text=True, check=True).stdout
+    assert "| 100 | decision_aaren_episode | recurrent | 2 | 0.50 ± 0.00 |" in out
+    assert "| 100 | decision_aaren_episode model.query_init=1.0 | recurrent | 2 | 0.50 ± 0.50 |" in out
