@@ -7,8 +7,8 @@ The agents have Decision Transformer's MuJoCo setting (3 layers, width 128, 1 he
 HalfCheetah's shapes (observation 17, action 6); ``--shape memory`` gives the memory task's agents
 instead (``aaren_rl.memory``, docs/results.md: width 64, observation 3, 2 discrete actions). All of
 them run in one process, one torch thread, eval mode, through ``StreamingPolicy.predict`` (input
-checks and episode bookkeeping included). They are timed in interleaved rounds, so that a change in the machine's load hits all of them
-alike:
+checks and episode bookkeeping included). They are timed in interleaved rounds, so that a change
+in the machine's load hits all of them alike:
 
 * ``aaren_compiled``: Decision Aaren with the compiled C step as its backend (``backends.CompiledStep``,
   the default on a CPU with a C compiler).
