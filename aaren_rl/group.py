@@ -588,12 +588,25 @@ def evaluate_many(jobs: list[dict], workers: int | None = None, progress: bool =
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
             futures = [pool.submit(evaluate_job, job) for job in jobs]
             out = []
-            for f in futures:
-                out.append(f.result())
+            for job, f in zip(jobs, futures):
+                out.append(evaluation_result(f, job["folder"], "`aaren-rl evaluate RUN_FOLDER` evaluates each run"))
                 bar.update(1)
             return out
     finally:
         bar.close()
+
+
+def evaluation_result(future, folder, again: str = "run the same command again to evaluate them") -> dict:
+    """A finished evaluation's result; a worker process that died (killed, out of memory, or unable
+    to import the package) is a clear error that says how to go on: the trained runs are saved, and
+    ``again`` says what evaluates them."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        return future.result()
+    except BrokenProcessPool as e:
+        raise SystemExit(f"error: an evaluation worker process died while evaluating {folder} ({e}); the trained "
+                         f"checkpoints are saved: {again}") from None
 
 
 def record_evaluation(run: Run, result: dict, step: int, writer=None, key: str = "eval") -> dict:

@@ -359,3 +359,19 @@ def test_bench_sweep_writes_its_table_and_json(tmp_path, capsys):
     assert rows[2]["state_mb"] == pytest.approx(2 * rows[1]["state_mb"])
     assert {r["formulation"] for r in res["formulation"]} >= {"vmap(functional_call)"}
     assert all(r["max_abs_diff_vmap_vs_bmm"] < 1e-4 for r in res["formulation"])
+
+
+def test_a_dead_evaluation_worker_is_a_clear_error_that_says_how_to_go_on():
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from aaren_rl.group import evaluation_result
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        ok = pool.submit(abs, -3)
+        assert evaluation_result(ok, "runs/x/s0") == 3
+        dead = pool.submit(os._exit, 1)  # the worker dies mid-job, as one killed or unable to import does
+        with pytest.raises(SystemExit, match=r"evaluation worker process died while evaluating runs/x/s1 .*"
+                                             r"checkpoints are saved: run the sweep again"):
+            evaluation_result(dead, "runs/x/s1", "run the sweep again")

@@ -264,7 +264,7 @@ def _run(args: argparse.Namespace, spec: dict, ranks=None, device=None) -> int:
 
     from aaren_rl import distributed
     from aaren_rl.output import write_json
-    from aaren_rl.group import evaluate_job, evaluation_jobs, record_evaluation, train_group
+    from aaren_rl.group import evaluate_job, evaluation_jobs, evaluation_result, record_evaluation, train_group
 
     ranks = ranks or distributed.Ranks()
     say = print if ranks.is_main else (lambda *a, **k: None)
@@ -340,7 +340,8 @@ def _run(args: argparse.Namespace, spec: dict, ranks=None, device=None) -> int:
             for item in list(pending):
                 run_, job, key, fut = item
                 if block or fut.done():
-                    record_evaluation(run_, {**fut.result(), "folder": job["folder"]}, run_.config.updates, key=key)
+                    result = evaluation_result(fut, job["folder"], "run the same sweep command again to evaluate them")
+                    record_evaluation(run_, {**result, "folder": job["folder"]}, run_.config.updates, key=key)
                     pending.remove(item)
 
         trained = [r for r in runs if run_status(r, spec)[0] == "trained"]  # trained earlier, never evaluated
