@@ -178,8 +178,9 @@ class Block(nn.Module):
 
 
 class AarenBlock(Block):
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, query_init: float = 0.02):
-        super().__init__(Aaren(embed_dim, num_heads, query_init=query_init), embed_dim, dropout)
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, query_init: float = 0.02,
+                 recency: float = 0.0):
+        super().__init__(Aaren(embed_dim, num_heads, query_init=query_init, recency=recency), embed_dim, dropout)
 
 
 class TransformerBlock(Block):
@@ -198,14 +199,15 @@ class Backbone(nn.Module):
     """
 
     def __init__(self, kind: str, n_layer: int, embed_dim: int, num_heads: int, dropout: float = 0.0,
-                 query_init: float = 0.02):
+                 query_init: float = 0.02, recency: float = 0.0):
         super().__init__()
         if kind not in BLOCKS:
             raise ValueError(f"backbone kind must be one of {sorted(BLOCKS)}, got {kind!r}")
         if n_layer <= 0:
             raise ValueError(f"n_layer must be positive, got {n_layer}")
         self.kind, self.embed_dim = kind, embed_dim
-        extra = {"query_init": query_init} if kind == "aaren" else {}  # Aaren's learned query (its init std)
+        # Aaren's learned query (its init std) and score decay per token
+        extra = {"query_init": query_init, "recency": recency} if kind == "aaren" else {}
         self.blocks = nn.ModuleList(BLOCKS[kind](embed_dim, num_heads, dropout, **extra) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(embed_dim)
 

@@ -13,6 +13,14 @@ chunks' totals are then scanned the same way (recursively), and each chunk's pre
 combined with the total of the chunks before it. Work is O(N C), the number of sequential steps
 O(log_C N), and memory O(N C) for the weights instead of Hillis-Steele's O(N log N) copies of the
 values. Every exponent is taken relative to a running max, so scores of any magnitude are safe.
+
+Recency (``recency = lam > 0``, off by default): the score of token i seen from the query at
+token k becomes s_i - lam (k - i), an exponential decay of old tokens' weights (e^(-lam) per token,
+ALiBi's linear bias with a learned-query twist). It keeps the scan associative: softmax over i of
+s_i - lam (k - i) equals softmax of s_i + lam i (lam k is the same for every i), so the parallel
+form adds lam i to the scores before the scan, and the recurrent form keeps its state's m referred
+to its last token: m - lam per token that comes after. A window-trained model that streams over a
+whole episode then sees old tokens fade as they did beyond its windows.
 """
 
 from __future__ import annotations
@@ -64,7 +72,7 @@ def _dense_prefix(m: Tensor, u: Tensor, w: Tensor):
     logits = torch.where(causal, m.unsqueeze(-2) - ref.unsqueeze(-1), NEG_INF)  # (..., C_k, C_i)
     weights = torch.exp(logits)
     prefix_u = (weights @ u.unsqueeze(-1)).squeeze(-1)  # (..., C)
-    prefix_w = weights @ w  # (..., C, d)
+    prefix_w = weights.to(w.dtype) @ w  # (..., C, d); float32 weights of a recency ramp meet bf16 values
     return run_max, prefix_u, prefix_w
 
 
@@ -95,6 +103,12 @@ def prefix_scan(m: Tensor, u: Tensor, w: Tensor, chunk: int = SCAN_CHUNK):
     ou = ou.reshape(*lead, n_chunks * chunk)[..., :N]
     ow = ow.reshape(*lead, n_chunks * chunk, d)[..., :N, :]
     return om, ou, ow
+
+
+def _ramp(s: Tensor, recency: float, positions: Tensor) -> Tensor:
+    """s + recency * positions, in at least float32 (a bf16 score could not hold lam i at i ~ 1000)."""
+    dtype = torch.promote_types(s.dtype, torch.float32)
+    return s.to(dtype) + recency * positions.to(dtype)
 
 
 def as_array(t: Tensor):
@@ -207,7 +221,7 @@ class Aaren(nn.Module):
     """
 
     def __init__(self, embed_dim: int, num_heads: int = 1, bias: bool = True, scan_chunk: int = SCAN_CHUNK,
-                 query_init: float = 0.02):
+                 query_init: float = 0.02, recency: float = 0.0):
         super().__init__()
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
@@ -216,6 +230,9 @@ class Aaren(nn.Module):
         self.scan_chunk = scan_chunk
         if not query_init >= 0:
             raise ValueError(f"query_init must be a non-negative std, got {query_init}")
+        if not (isinstance(recency, (int, float)) and math.isfinite(recency) and recency >= 0):
+            raise ValueError(f"recency must be a finite number >= 0 (a score decay per token), got {recency!r}")
+        self.recency = float(recency)
         # the RNN's "initial hidden state": one query per head, not computed from the input,
         # drawn from N(0, query_init^2)
         self.query = nn.Parameter(torch.randn(num_heads, self.head_dim) * query_init)
@@ -254,7 +271,8 @@ class Aaren(nn.Module):
         b = w.new_zeros(w.shape[0]) if b is None else b
         out_b = self.out.weight.new_zeros(E) if self.out.bias is None else self.out.bias
         return {"sv_w": as_array(w[:E + H].T), "sv_b": as_array(b[:E + H]),
-                "out_w": as_array(self.out.weight.T), "out_b": as_array(out_b)}
+                "out_w": as_array(self.out.weight.T), "out_b": as_array(out_b),
+                "decay": as_array(torch.full((H,), self.recency))}
 
     def _project(self, x: Tensor) -> Tensor:
         """x (B, T, E) -> sv (B, T, E + H + pad): the values, one score per head, zeros."""
@@ -282,10 +300,13 @@ class Aaren(nn.Module):
         padding_mask = check_padding_mask(padding_mask, x)
         sv = self._project(x)
         if kernels.use_fused_scan(x):  # CUDA with Triton: the same outputs from one fused kernel
-            o = kernels.aaren_scan_packed(sv, self.num_heads, self.head_dim, padding_mask)  # (B, H, T, Dh)
+            o = kernels.aaren_scan_packed(sv, self.num_heads, self.head_dim, padding_mask,
+                                          recency=self.recency)  # (B, H, T, Dh)
             y = self.out(o.transpose(1, 2).flatten(2))  # (B, T, E), no copy
             return y if padding_mask is None else y.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         s, v = self._split(sv)
+        if self.recency:  # + lam i: a decay of lam per token between each token and the query
+            s = _ramp(s, self.recency, torch.arange(s.shape[-1], device=s.device))
         u = torch.ones_like(s)
         if padding_mask is not None:
             pad = padding_mask.unsqueeze(1)  # (B, 1, T)
@@ -317,6 +338,11 @@ class Aaren(nn.Module):
             padding_mask = None if padding_mask is None else padding_mask.unsqueeze(1)
         padding_mask = check_padding_mask(padding_mask, x)
         s, v = self._tokens(x)  # (B, H, t), (B, H, t, Dh)
+        prev_m = state.m
+        if self.recency:  # every score referred to the chunk's last token: old ones decayed by lam per token
+            t = s.shape[-1]
+            s = _ramp(s, self.recency, -torch.arange(t - 1, -1, -1, device=s.device))
+            prev_m = state.m - self.recency * t
         if padding_mask is not None:
             pad = padding_mask.unsqueeze(1)  # (B, 1, t)
             s = s.masked_fill(pad, NEG_INF)
@@ -326,7 +352,7 @@ class Aaren(nn.Module):
             pm, pu, pw = s, u, v
         else:
             pm, pu, pw = prefix_scan(s, u, v, self.scan_chunk)
-        prev = (state.m.unsqueeze(-1), state.u.unsqueeze(-1), state.w.unsqueeze(-2))
+        prev = (prev_m.unsqueeze(-1), state.u.unsqueeze(-1), state.w.unsqueeze(-2))
         m, u, w = combine(prev, (pm, pu, pw))
         y = self._output(u, w)
         new_state = AarenState(m[..., -1], u[..., -1], w[..., -1, :])

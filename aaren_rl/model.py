@@ -44,6 +44,10 @@ class ModelConfig:
     # Aaren only: std of the learned query's initial draw (GPT-2's 0.02, as every other weight);
     # the score of a token is q . k, so a small q keeps attention near-uniform for longer
     query_init: float = 0.02
+    # Aaren only: recency decay of the scores, lam per token (0: none, the paper's Aaren): the weight
+    # of a token k tokens back is e^(-lam k) times what its score gives (layer.py); a window-trained
+    # model then streams over a whole episode with old tokens fading as they did past its windows
+    recency: float = 0.0
     # filled in from the dataset
     observation_dim: int = 0
     action_dim: int = 0  # continuous: number of action dims; discrete: number of actions
@@ -62,6 +66,8 @@ class ModelConfig:
             "max_timestep": self.max_timestep > 0,
             "return_scale": self.return_scale > 0,
             "query_init": self.query_init >= 0,
+            "recency": (isinstance(self.recency, (int, float)) and 0 <= self.recency < float("inf")
+                        and (self.recency == 0 or self.backbone == "aaren")),
             "observation_dim": self.observation_dim > 0,
             "action_dim": self.action_dim > 0,
             "action_low": self.discrete or len(self.action_low) == len(self.action_high) == self.action_dim,
@@ -70,6 +76,7 @@ class ModelConfig:
             "backbone": "'aaren' or 'transformer'",
             "context": "'window' or 'episode', or 'segment' with backbone 'aaren'",
             "embed_dim": "a positive multiple of n_head", "dropout": "in [0, 1)", "query_init": "a non-negative std",
+            "recency": "a finite decay >= 0 per token, and 0 unless backbone is 'aaren'",
             "action_low": "action_low and action_high with action_dim entries each",
         }
         for name, ok in checks.items():
@@ -104,7 +111,7 @@ class DecisionModel(nn.Module):
         self.embed_state = nn.Linear(c.observation_dim, E)
         self.embed_action = nn.Embedding(c.action_dim, E) if c.discrete else nn.Linear(c.action_dim, E)
         self.embed_ln = nn.LayerNorm(E)
-        self.backbone = Backbone(c.backbone, c.n_layer, E, c.n_head, c.dropout, c.query_init)
+        self.backbone = Backbone(c.backbone, c.n_layer, E, c.n_head, c.dropout, c.query_init, c.recency)
         self.predict_action = nn.Linear(E, c.action_dim)
         # everything needed to act from a checkpoint travels with the weights
         self.register_buffer("obs_mean", torch.as_tensor(obs_mean if obs_mean is not None else torch.zeros(c.observation_dim), dtype=torch.float32))

@@ -3,7 +3,8 @@
 One row per dataset, one column per way of acting: the Decision Transformer (window recompute),
 Decision Aaren trained on K-step windows acting as a stream and, from the same checkpoints, by
 window recompute (the sweep's ``window_recompute``), and Decision Aaren trained on whole episodes
-acting as a stream. A cell is the mean ± standard deviation over seeds of each run's final
+acting as a stream; then a column per other agent preset and way of acting found in the runs (a
+variant, labelled by its preset's name). A cell is the mean ± standard deviation over seeds of each run's final
 evaluation, normalized with our references (the datasets' ref_min / ref_max) and, in the second
 table, with D4RL's (the env preset's d4rl_ref_min / d4rl_ref_max), beside the Decision
 Transformer's published D4RL scores (on D4RL's data, not ours). A last row gives the mean over the
@@ -15,7 +16,9 @@ with its training-loss curve when the run folder is there) and, with no SWEEP.js
 back from such a folder alone. ``--plots DIR`` draws, per dataset, the training-loss curves (mean
 over seeds) and the final scores side by side (``suite_DATASET.png``). ``--markdown FILE`` writes the
 tables into FILE between the lines ``<!-- suite-table:begin -->`` and ``<!-- suite-table:end -->``
-(added at its end if missing), so that docs/results.md is rebuilt by this one command.
+(added at its end if missing), so that docs/results.md is rebuilt by this one command; ``--agents``
+picks the agents whose runs make the columns and ``--block NAME`` the markers (a second table, e.g.
+of variants, in the same file).
 """
 
 import argparse
@@ -105,10 +108,21 @@ def dataset_order(dataset: str) -> tuple:
     return (env, TIER_ORDER.index(tier) if tier in TIER_ORDER else len(TIER_ORDER), tier)
 
 
+MODE_LABELS = {"recurrent": "stream", "window": "window recompute"}
+
+
+def columns_for(recs: list[dict]) -> list[tuple[str, str, str]]:
+    """COLUMNS, then one column per other (agent, mode) in the records (a variant's preset, e.g.
+    sweeps/agents/decision_aaren_recency-0.1.toml), labelled by its preset name and way of acting."""
+    known = {(agent, mode) for _, agent, mode in COLUMNS}
+    extra = sorted({(r["agent"], r["mode"]) for r in recs} - known)
+    return COLUMNS + [(f"{agent}, {MODE_LABELS.get(mode, mode)}", agent, mode) for agent, mode in extra]
+
+
 def cells(recs: list[dict]) -> list[dict]:
     out = []
     for dataset in sorted({r["dataset"] for r in recs}, key=dataset_order):
-        for column, agent, mode in COLUMNS:
+        for column, agent, mode in columns_for(recs):
             done = sorted((r for r in recs if (r["dataset"], r["agent"], r["mode"]) == (dataset, agent, mode)),
                           key=lambda r: r["seed"])
             if not done:
@@ -134,7 +148,13 @@ def fmt(xs: list[float]) -> str:
 
 
 def columns_of(cs: list[dict]) -> list[str]:
-    return [c for c, _, _ in COLUMNS if any(x["column"] == c for x in cs)]
+    return list(dict.fromkeys(x["column"] for x in sorted(cs, key=lambda x: _column_rank(x))))
+
+
+def _column_rank(cell: dict) -> tuple:
+    """COLUMNS' order first, then the other columns by name."""
+    names = [c for c, _, _ in COLUMNS]
+    return (names.index(cell["column"]), "") if cell["column"] in names else (len(names), cell["column"])
 
 
 def table(cs: list[dict], key: str, published: bool = False) -> str:
@@ -239,11 +259,19 @@ def plot(cs: list[dict], recs: list[dict], out_dir: Path) -> list[Path]:
     return written
 
 
-def write_markdown(path: Path, text: str) -> None:
+def markers(block: str | None) -> tuple[str, str]:
+    """The lines around a table in the markdown file: BEGIN / END, or with ``:BLOCK`` in them."""
+    if not block:
+        return BEGIN, END
+    return BEGIN.replace("suite-table", f"suite-table:{block}"), END.replace("suite-table", f"suite-table:{block}")
+
+
+def write_markdown(path: Path, text: str, block: str | None = None) -> None:
     old = path.read_text() if path.exists() else ""
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
+    begin, end = markers(block)
+    block = f"{begin}\n{text}\n{end}"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
     else:
         new = old + ("\n" if old and not old.endswith("\n") else "") + block + "\n"
     tmp = path.with_name(path.name + ".partial")
@@ -261,6 +289,11 @@ def main() -> int:
     p.add_argument("--plots", default=None, metavar="DIR", help="draw suite_DATASET.png per dataset here (default: none)")
     p.add_argument("--markdown", default=None, metavar="FILE", help="write the tables into FILE between "
                    f"'{BEGIN}' and '{END}' (default: none)")
+    p.add_argument("--agents", nargs="+", default=None, metavar="PRESET", help="the agents whose runs make the "
+                   "columns, by preset name (default: every agent in the runs)")
+    p.add_argument("--block", default=None, metavar="NAME", help="with --markdown: the table goes between "
+                   "'<!-- suite-table:NAME:begin -->' and '<!-- suite-table:NAME:end -->' instead, so that one "
+                   "file holds several tables (default: none)")
     args = p.parse_args()
     if not args.sweeps and not args.runs_dir:
         p.error("give SWEEP.json files, or --runs-dir with the per-run JSONs of earlier sweeps")
@@ -290,6 +323,8 @@ def main() -> int:
                 recs.append(json.loads(f.read_text()))
             except (OSError, json.JSONDecodeError) as e:
                 sys.exit(f"error: cannot read {f}: {e}")
+    if args.agents:
+        recs = [r for r in recs if r["agent"] in args.agents]
     cs = cells(recs)
     if not cs:
         sys.exit("error: no evaluated run in " + ", ".join(args.sweeps or [args.runs_dir]))
@@ -302,7 +337,7 @@ def main() -> int:
         for path in plot(cs, recs, Path(args.plots)):
             print(f"wrote {path}")
     if args.markdown:
-        write_markdown(Path(args.markdown), text)
+        write_markdown(Path(args.markdown), text, args.block)
         print(f"wrote the tables into {args.markdown}")
     return 0
 

@@ -37,10 +37,11 @@ def streamed_actions(policy, obs, actions, rewards, steps=None):
     return np.array(out)
 
 
-@pytest.mark.parametrize("backbone", ["aaren", "transformer"])
+@pytest.mark.parametrize("backbone", ["aaren", "transformer", "aaren-recency"])
 @pytest.mark.parametrize("discrete", [False, True])
 def test_streaming_actions_equal_parallel_forward(backbone, discrete):
-    model = make_model(backbone, "episode", discrete)
+    recency = 0.2 if backbone == "aaren-recency" else 0.0
+    model = make_model(backbone.split("-")[0], "episode", discrete, recency=recency)
     obs, actions, rewards = trajectory(discrete=discrete)
     target = float(rewards.sum()) + 3.0
     want = parallel_actions(model, obs, actions, rewards, target)
@@ -157,6 +158,17 @@ def test_bad_policy_inputs_fail_clearly():
         policy.predict(obs[:2], state, reward=np.zeros(3))
     with pytest.raises(ValueError, match="mode must be one of"):
         StreamingPolicy(make_model(), 1.0, mode="cache")
+
+
+def test_recency_is_aarens_and_must_be_a_finite_non_negative_decay():
+    kw = dict(observation_dim=3, action_dim=1, action_low=[-1], action_high=[1])
+    for bad in (dict(recency=-0.5), dict(recency=float("inf")), dict(backbone="transformer", recency=0.1)):
+        with pytest.raises(ValueError, match="bad recency .*a finite decay >= 0 per token, and 0 unless backbone"):
+            ModelConfig(**bad, **kw).validate()
+    model = DecisionModel(ModelConfig(recency=0.25, **kw))
+    assert all(b.mixer.recency == 0.25 for b in model.backbone.blocks)
+    layers = model.export_step_weights()[2]
+    assert all((layer["decay"] == 0.25).all() for layer in layers)
 
 
 def test_model_config_rejects_bad_values():

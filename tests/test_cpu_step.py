@@ -62,7 +62,21 @@ CONFIGS = {  # (n_layer, embed_dim, n_head, obs_dim, act_dim, max_timestep)
 @pytest.mark.parametrize("discrete", [False, True])
 def test_compiled_step_equals_torch_step_with_episode_starts(config, n_envs, discrete):
     L, E, H, obs_dim, act_dim, tmax = CONFIGS[config]
-    model = make_model(discrete, L, E, H, obs_dim, act_dim, tmax)
+    _compare_backends(make_model(discrete, L, E, H, obs_dim, act_dim, tmax), n_envs, obs_dim, act_dim, discrete)
+
+
+@needs_compiler
+@pytest.mark.parametrize("recency", [0.05, 1.5])
+@pytest.mark.parametrize("discrete", [False, True])
+def test_compiled_step_with_recency_equals_torch_step(recency, discrete):
+    """A model built with ``model.recency``: the C step drops m by the decay before every token
+    (the padded a-token at an episode start too), as the PyTorch step refers m to the last token."""
+    torch.manual_seed(0)
+    model = helpers.make_model("aaren", "window", discrete, 2, 32, 2, 5, 3, recency=recency)
+    _compare_backends(model, 4, 5, 3, discrete)
+
+
+def _compare_backends(model, n_envs, obs_dim, act_dim, discrete):
     ref, fast = StreamingPolicy(model, 7.0, backend="torch"), StreamingPolicy(model, 7.0, backend="compiled")
     assert isinstance(ref.backend, TorchStep) and isinstance(fast.backend, CompiledStep)
     assert isinstance(StreamingPolicy(model, 7.0).backend, CompiledStep)  # the default where it applies

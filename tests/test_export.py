@@ -27,6 +27,7 @@ FORMS = {
     "aaren-continuous": (PENDULUM, "aaren", "episode", "recurrent"),
     "aaren-discrete": (CARTPOLE, "aaren", "episode", "recurrent"),
     "aaren-window": (PENDULUM, "aaren", "window", "window"),
+    "aaren-recency": (PENDULUM, "aaren", "window", "recurrent"),  # built with model.recency = 0.3
     "dt-window-continuous": (PENDULUM, "transformer", "window", "window"),
     "dt-window-discrete": (CARTPOLE, "transformer", "window", "window"),
     "dt-kvcache": (PENDULUM, "transformer", "episode", "recurrent"),
@@ -37,7 +38,7 @@ FORMS = {
 @pytest.fixture(scope="module", params=sorted(FORMS))
 def exported(request, tmp_path_factory):
     (env_id, kw), backbone, context, mode = FORMS[request.param]
-    model = make_model(backbone, context, K=4, **kw)
+    model = make_model(backbone, context, K=4, recency=0.3 if request.param == "aaren-recency" else 0.0, **kw)
     folder = export_policy(model, tmp_path_factory.mktemp("export") / "policy", target_return=5.0, env_id=env_id,
                            mode=mode)
     return env_id, model, folder, mode

@@ -40,9 +40,9 @@ def config(seed, updates=30, **kw):
     return TrainConfig(updates=updates, seed=seed, **kw)
 
 
-def model_config(ds, backbone, context, dropout=0.1):
+def model_config(ds, backbone, context, dropout=0.1, **kw):
     return model_config_for(ds, backbone=backbone, context=context, context_len=8, n_layer=2, embed_dim=16,
-                            n_head=2, dropout=dropout)
+                            n_head=2, dropout=dropout, **kw)
 
 
 def group_and_solo_runs(tmp_path, mc, tags, **kw):
@@ -80,6 +80,13 @@ def test_run_in_a_group_equals_the_run_alone(tmp_path, backbone, context):
     _, l0 = losses(runs[0].logdir)
     _, l2 = losses(runs[2].logdir)
     assert np.abs(l0 / l2 - 1).max() > 1e-3  # the runs really differ
+
+
+def test_a_recency_run_in_a_group_equals_the_run_alone(tmp_path):
+    """``model.recency`` (a score decay per token) in the vmapped group's plain scan and in a run
+    alone: the same losses and gradient norms."""
+    group_and_solo_runs(tmp_path, model_config(uneven_dataset(0), "aaren", "window", recency=0.3),
+                        ("train/loss", "train/grad_norm"))
 
 
 def test_group_checkpoints_are_ordinary_run_folders(tmp_path):
@@ -174,6 +181,14 @@ def test_run_in_a_group_equals_the_run_alone_on_cuda(tmp_path, backbone, mode):
     draws its masks from the device's global generator, a group run from its own (module docstring)."""
     group_and_solo_runs(tmp_path, model_config(uneven_dataset(0), backbone, "window", dropout=0.0),
                         ("train/loss", "train/grad_norm"), device="cuda", amp=False, compile=mode)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_recency_run_in_a_group_equals_the_run_alone_on_cuda(tmp_path):
+    """On CUDA a run alone scans with the fused kernel (its float32 recency ramp), a group with
+    the plain scan under vmap: the same losses."""
+    group_and_solo_runs(tmp_path, model_config(uneven_dataset(0), "aaren", "window", dropout=0.0, recency=0.3),
+                        ("train/loss", "train/grad_norm"), device="cuda", amp=False, compile="none")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")

@@ -199,6 +199,28 @@ def test_packed_scan_equals_plain_scan_and_writes_one_gradient(with_pad):
         assert (svf.grad.cpu()[pad] == 0).all()
 
 
+@pytest.mark.parametrize("recency", [0.3, 4.0])
+def test_packed_scan_with_recency_adds_the_ramp_in_float32(recency):
+    """recency: the scores plus recency * i before the scan, summed in float32 even when sv is
+    bf16 (a bf16 ramp could not tell i = 900 from 901); d(sv) as autograd of the plain scan."""
+    B, T, H, D = 3, 150, 2, 8
+    F = H * D + H
+    g = torch.Generator().manual_seed(5)
+    sv = torch.randn(B, T, F, generator=g, dtype=torch.float64)
+    pad = padding_masks(B, T)
+    grad_o = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    ref_sv = sv.clone().requires_grad_()
+    s, v = triton_scan._split_packed(ref_sv, H, D)
+    s = (s + recency * torch.arange(T, dtype=torch.float64)).masked_fill(pad.unsqueeze(1), NEG_INF)
+    ref_o = reference(s, v)
+    ref_o.backward(grad_o)
+    svf = sv.float().to(DEVICE).requires_grad_()
+    o = kernels.aaren_scan_packed(svf, H, D, pad.to(DEVICE), recency=recency)
+    o.backward(grad_o.float().to(DEVICE))
+    assert rel_err(o, ref_o.detach()) < 1e-5
+    assert rel_err(svf.grad, torch.nan_to_num(ref_sv.grad)) < 1e-5
+
+
 def test_packed_scan_rejects_a_bad_width():
     with pytest.raises(ValueError, match="H \\* \\(Dh \\+ 1\\)"):
         kernels.aaren_scan_packed(torch.zeros(2, 5, 9, device=DEVICE), 2, 4)

@@ -12,7 +12,8 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 def naive(layer: Aaren, x: torch.Tensor, padding_mask=None) -> torch.Tensor:
-    """Masked softmax over the prefix with the same learned query, keys and values."""
+    """Masked softmax over the prefix with the same learned query, keys and values (and the
+    layer's recency: token i's score minus recency * (k - i) for the query at token k)."""
     B, T, E = x.shape
     H, Dh = layer.num_heads, layer.head_dim
     k, v = layer.kv(x).split(E, dim=-1)
@@ -22,7 +23,9 @@ def naive(layer: Aaren, x: torch.Tensor, padding_mask=None) -> torch.Tensor:
     allowed = torch.ones(T, T, dtype=torch.bool).tril()  # [query k, key i]
     if padding_mask is not None:
         allowed = allowed & ~padding_mask[:, None, None, :]
-    scores = s[:, :, None, :].expand(B, H, T, T).masked_fill(~allowed, float("-inf"))
+    pos = torch.arange(T, dtype=s.dtype)
+    decay = layer.recency * (pos[:, None] - pos[None, :])  # [k, i]
+    scores = (s[:, :, None, :] - decay).masked_fill(~allowed, float("-inf"))
     attn = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an all-padding prefix reads out as 0
     o = (attn @ v).transpose(1, 2).reshape(B, T, E)
     y = layer.out(o)
@@ -243,3 +246,51 @@ def test_state_is_a_small_typed_container():
     s = make(8, 2).init_state(4, dtype=torch.float32)
     assert isinstance(s, AarenState) and s.w.dtype == torch.float32 and s.batch_size == 4
     assert s.nbytes() == 4 * 2 * (2 + 4) * 4
+
+
+@pytest.mark.parametrize("recency", [0.05, 0.7, 3.0])
+@pytest.mark.parametrize("T", [40, 300])
+def test_recency_decay_in_parallel_and_recurrent_forms_equals_naive_softmax(recency, T):
+    """Scores decayed by recency per token: the scan (s_i + lam i, chunked over several levels at
+    T = 300), one token at a time and uneven chunks (m referred to the last token) all give the
+    naive masked softmax of s_i - lam (k - i), with padding."""
+    layer = make(recency=recency)
+    x = torch.randn(3, T, 16, dtype=torch.float64)
+    pad = torch.zeros(3, T, dtype=torch.bool)
+    pad[1, :7] = True  # a left-padded row, as DT's windows are
+    want = naive(layer, x, pad)
+    assert (layer(x, pad) - want).abs().max() < TOL[torch.float64] * 100
+    state, outs, pos = layer.init_state(3, dtype=torch.float64), [], 0
+    for c in [1, 5, 13, 1] + [1] * (T - 60) + [40]:
+        y, state = layer.step(x[:, pos:pos + c], state, pad[:, pos:pos + c])
+        outs.append(y)
+        pos += c
+    got = torch.cat(outs, 1).masked_fill(pad.unsqueeze(-1), 0.0)
+    assert (got - want).abs().max() < TOL[torch.float64] * 100
+    # and the decay does something: without it the outputs differ
+    plain = make()
+    assert (naive(plain, x, pad) - want).abs().max() > 1e-3
+
+
+def test_recency_keeps_a_long_stream_finite_and_forgets_the_far_past():
+    """Over 20,000 streamed tokens the state stays finite, and with a strong decay the output
+    depends on the recent tokens only: two streams that differ only before the last 100 tokens agree."""
+    layer = make(recency=0.5, dtype=torch.float32)
+    torch.manual_seed(3)
+    tail = torch.randn(2, 100, 16)
+    outs = []
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        state = layer.init_state(2)
+        for _ in range(20):
+            _, state = layer.step(torch.randn(2, 1000, 16, generator=g), state)
+        y, state = layer.step(tail, state)
+        assert all(torch.isfinite(t).all() for t in (state.m, state.u, state.w))
+        outs.append(y[:, -1])
+    assert (outs[0] - outs[1]).abs().max() < 1e-5
+
+
+def test_recency_must_be_a_finite_non_negative_number():
+    for bad in (-0.1, float("inf"), float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="recency must be a finite number >= 0"):
+            Aaren(16, 2, recency=bad)

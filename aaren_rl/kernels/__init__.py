@@ -4,7 +4,8 @@ arrays and import nothing of the package above them.
 - ``aaren_scan_packed(sv, num_heads, head_dim, padding_mask)`` -> ``o``: from the layer's packed
   projection sv (B, T, F) (values, one score per head, zero columns) the prefix
   softmax-weighted averages o (B, H, T, Dh) (zero where the prefix holds only padding), exactly
-  what ``layer.prefix_scan`` followed by the readout gives. A fused Triton kernel
+  what ``layer.prefix_scan`` followed by the readout gives (with ``recency``, of the scores plus
+  recency * i, summed in float32). A fused Triton kernel
   (``triton_scan``) that runs on CUDA when Triton imports; ``Aaren.forward`` uses it there and
   keeps the plain scan everywhere else. ``use_triton(False)`` turns it off (benchmarks compare both).
 - ``cpu_step``: one acting step of a Decision Aaren model as one compiled C call, over weights
@@ -45,11 +46,12 @@ def use_triton(flag: bool = True):
         _enabled = old
 
 
-def aaren_scan_packed(sv, num_heads, head_dim, padding_mask=None):
-    """The same scan over a packed projection sv (B, T, F): values, one score per head, padding."""
+def aaren_scan_packed(sv, num_heads, head_dim, padding_mask=None, recency=0.0):
+    """The same scan over a packed projection sv (B, T, F): values, one score per head, padding;
+    ``recency`` > 0 adds recency * i to token i's score (in float32) before the scan."""
     from .triton_scan import aaren_scan_packed as _scan
 
-    return _scan(sv, num_heads, head_dim, padding_mask)
+    return _scan(sv, num_heads, head_dim, padding_mask, recency=recency)
 
 
 __all__ = ["aaren_scan_packed", "triton_available", "use_fused_scan", "use_triton"]

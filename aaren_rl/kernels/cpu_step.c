@@ -6,7 +6,8 @@
  *   tokens (a_{t-1}, R_t, s_t) per environment, each plus its timestep's embedding
  *   -> embed_ln
  *   -> per layer: ln_1 -> values and scores (one product: the key projection folded into the
- *      learned query, as in layer.py) -> fold into the (m, u, w) state
+ *      learned query, as in layer.py) -> fold into the (m, u, w) state (m first drops by the
+ *      layer's recency decay, one per token: 0 unless the model was built with recency)
  *      (the a-token at an episode start is padding and folds nothing) -> readout w / u -> out
  *      projection -> residual -> ln_2 -> MLP (fc, exact-erf GELU, proj) -> residual
  *   -> ln_f at the s_t token -> action head (tanh, or logits when discrete).
@@ -74,7 +75,7 @@ static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
     X(layer0) X(layer_stride)                                                                     \
     /* per layer, relative to the layer's start */                                                \
     X(ln1_w) X(ln1_b) X(sv_w) X(sv_b) X(out_w) X(out_b) X(ln2_w) X(ln2_b)                         \
-    X(fc_w) X(fc_b) X(proj_w) X(proj_b)
+    X(fc_w) X(fc_b) X(proj_w) X(proj_b) X(decay)
 
 #define META_ENUM(name) MT_##name,
 enum { META_FIELDS(META_ENUM) META_LEN };
@@ -396,8 +397,10 @@ int aaren_step(const io_t *io)
             for (int64_t hd = 0; hd < H; hd++) {
                 const int64_t s_ix = (l * n + b) * H + hd;
                 float *m = io->m + s_ix, *u = io->u + s_ix, *w = io->w + s_ix * Dh;
+                const float decay = lp[mt[MT_decay] + hd]; /* recency: m drops by it per token */
                 for (int64_t i = 0; i < 3; i++) {
                     const float *row = sv + (3 * b + i) * SV;
+                    if (*u != 0.f) *m -= decay; /* the state's m is referred to its last token */
                     if (!(i == 0 && io->start[b])) /* the a-token at t = 0 is padding */
                         fold(m, u, w, row[E + hd], row + hd * Dh, Dh);
                     if (last && i != 2) continue; /* only s_t's output is used after the last fold */

@@ -55,7 +55,8 @@ CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fas
 DIMS = ("E", "H", "L", "OBS", "ACT", "DISCRETE", "TMAX")  # what the caller gives; APAD, BF16 come from here
 GLOBAL = ("temb", "ret_w", "ret_b", "state_w", "state_b", "act_w", "act_b", "eln_w", "eln_b",
           "lnf_w", "lnf_b", "head_w", "head_b", "obs_mean", "obs_std", "ret_scale")
-LAYER = ("ln1_w", "ln1_b", "sv_w", "sv_b", "out_w", "out_b", "ln2_w", "ln2_b", "fc_w", "fc_b", "proj_w", "proj_b")
+LAYER = ("ln1_w", "ln1_b", "sv_w", "sv_b", "out_w", "out_b", "ln2_w", "ln2_b", "fc_w", "fc_b", "proj_w", "proj_b",
+         "decay")
 PANELED = ("state_w", "act_w", "head_w", "sv_w", "out_w", "fc_w", "proj_w")  # (in, out) matrices, cut into panels
 BF16_MATRICES = ("sv_w", "out_w", "fc_w", "proj_w")  # the layers' products; embeddings and head stay float32
 ALIGN = 16  # floats: every tensor starts on a 64-byte boundary
