@@ -17,7 +17,7 @@ back from such a folder alone. ``--plots DIR`` draws, per dataset, the training-
 over seeds) and the final scores side by side (``suite_DATASET.png``). ``--markdown FILE`` writes the
 tables into FILE between the lines ``<!-- suite-table:begin -->`` and ``<!-- suite-table:end -->``
 (added at its end if missing), so that docs/results.md is rebuilt by this one command; ``--agents``
-picks the agents whose runs make the columns and ``--block NAME`` the markers (a second table, e.g.
+picks the agents whose runs make the columns, ``--datasets`` the rows, and ``--block NAME`` the markers (a second table, e.g.
 of variants, in the same file).
 """
 
@@ -221,7 +221,7 @@ def plot(cs: list[dict], recs: list[dict], out_dir: Path) -> list[Path]:
 
     written = []
     for dataset in dict.fromkeys(x["dataset"] for x in cs):
-        fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 3.6))
+        fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4.2))
         for agent in dict.fromkeys(x["agent"] for x in cs if x["dataset"] == dataset):
             # one curve per seed (a run acting two ways has one training curve)
             curves = list({r["seed"]: r["loss_curve"] for r in recs if r["dataset"] == dataset
@@ -245,7 +245,8 @@ def plot(cs: list[dict], recs: list[dict], out_dir: Path) -> list[Path]:
         for i, x in enumerate(xs):
             ax_score.bar(i, statistics.fmean(x["normalized"]) if x["normalized"] else 0, color=f"C{i}", alpha=0.6)
             ax_score.scatter([i] * len(x["normalized"]), x["normalized"], color="k", s=10, zorder=3)
-        ax_score.set_xticks(range(len(xs)), [x["column"].replace(", ", "\n") for x in xs], fontsize=7)
+        ax_score.set_xticks(range(len(xs)), [x["column"].replace(", ", "\n") for x in xs], fontsize=6,
+                            rotation=30, ha="right", rotation_mode="anchor")
         ax_score.set_ylabel("normalized score (ours)")
         ax_score.set_title("final score (bars: mean; dots: seeds)")
         ax_score.grid(alpha=0.3, axis="y")
@@ -291,6 +292,8 @@ def main() -> int:
                    f"'{BEGIN}' and '{END}' (default: none)")
     p.add_argument("--agents", nargs="+", default=None, metavar="PRESET", help="the agents whose runs make the "
                    "columns, by preset name (default: every agent in the runs)")
+    p.add_argument("--datasets", nargs="+", default=None, metavar="DATASET", help="the datasets that make the "
+                   "rows, e.g. walker2d-medium (default: every dataset in the runs)")
     p.add_argument("--block", default=None, metavar="NAME", help="with --markdown: the table goes between "
                    "'<!-- suite-table:NAME:begin -->' and '<!-- suite-table:NAME:end -->' instead, so that one "
                    "file holds several tables (default: none)")
@@ -325,6 +328,8 @@ def main() -> int:
                 sys.exit(f"error: cannot read {f}: {e}")
     if args.agents:
         recs = [r for r in recs if r["agent"] in args.agents]
+    if args.datasets:
+        recs = [r for r in recs if r["dataset"] in args.datasets]
     cs = cells(recs)
     if not cs:
         sys.exit("error: no evaluated run in " + ", ".join(args.sweeps or [args.runs_dir]))
