@@ -297,6 +297,22 @@ set = {json.dumps(TINY)}
     again = subprocess.run([sys.executable, "scripts/suite_table.py", "--runs-dir", str(tmp_path / "suite"),
                             "--markdown", str(doc)], capture_output=True, text=True, check=True).stdout
     assert again.split("\n")[:20] == out.split("\n")[:20] and doc.read_text() == text  # rebuilt from the JSONs alone
+    # a variant's runs (another preset name) become their own columns; --agents, --datasets and
+    # --block pick the columns, the rows and a second block of the same file
+    for f in list((tmp_path / "suite").glob("*decision_aaren_recurrent*.json")):
+        r = json.loads(f.read_text())
+        r["agent"] = "decision_aaren_recency-0.1"
+        (tmp_path / "suite" / f.name.replace("decision_aaren_", "decision_aaren_recency-0.1_")).write_text(json.dumps(r))
+    datasets = sorted({r["dataset"] for r in per_run})
+    variant = subprocess.run([sys.executable, "scripts/suite_table.py", "--runs-dir", str(tmp_path / "suite"),
+                              "--agents", "decision_transformer", "decision_aaren_recency-0.1", "--datasets",
+                              datasets[0], "--block", "variant", "--markdown", str(doc)],
+                             capture_output=True, text=True, check=True).stdout
+    header = next(line for line in variant.split("\n") if line.startswith("| dataset"))
+    assert header.startswith("| dataset | DT, window | decision_aaren_recency-0.1, stream |")
+    assert "DA window-trained" not in variant and datasets[0] in variant and datasets[1] not in variant
+    text2 = doc.read_text()
+    assert text2.startswith(text) and text2.count("<!-- suite-table:variant:begin -->") == 1
     folder = next((tmp_path / "sweep" / "decision_transformer").glob("*tier1/s1"))
     model, info = load_checkpoint(folder)
     assert model.config.backbone == "transformer" and info["group"]["runs"] == 4
