@@ -4,8 +4,8 @@ One row per dataset, one column per way of acting: the Decision Transformer (win
 Decision Aaren trained on K-step windows acting as a stream and, from the same checkpoints, by
 window recompute (the sweep's ``window_recompute``), and Decision Aaren trained on whole episodes
 acting as a stream; then a column per other agent preset and way of acting found in the runs (a
-variant, labelled by its preset's name). A cell is the mean ± standard deviation over seeds of each run's final
-evaluation, normalized with our references (the datasets' ref_min / ref_max) and, in the second
+variant, labelled by its preset's name). A cell is the mean ± standard deviation over seeds of
+each run's final evaluation, normalized with our references (the datasets' ref_min / ref_max) and, in the second
 table, with D4RL's (the env preset's d4rl_ref_min / d4rl_ref_max), beside the Decision
 Transformer's published D4RL scores (on D4RL's data, not ours). A last row gives the mean over the
 datasets every column has. A third table gives each column's evaluation wall time and policy time
@@ -16,9 +16,9 @@ with its training-loss curve when the run folder is there) and, with no SWEEP.js
 back from such a folder alone. ``--plots DIR`` draws, per dataset, the training-loss curves (mean
 over seeds) and the final scores side by side (``suite_DATASET.png``). ``--markdown FILE`` writes the
 tables into FILE between the lines ``<!-- suite-table:begin -->`` and ``<!-- suite-table:end -->``
-(added at its end if missing), so that docs/results.md is rebuilt by this one command; ``--agents``
-picks the agents whose runs make the columns, ``--datasets`` the rows, and ``--block NAME`` the markers (a second table, e.g.
-of variants, in the same file).
+(added at its end if missing), so that docs/results.md is rebuilt by this one command;
+``--agents`` picks the agents whose runs make the columns, ``--datasets`` the rows, and ``--block
+NAME`` the markers (a second table, e.g. of variants, in the same file).
 """
 
 import argparse
@@ -326,10 +326,12 @@ def main() -> int:
                 recs.append(json.loads(f.read_text()))
             except (OSError, json.JSONDecodeError) as e:
                 sys.exit(f"error: cannot read {f}: {e}")
-    if args.agents:
-        recs = [r for r in recs if r["agent"] in args.agents]
-    if args.datasets:
-        recs = [r for r in recs if r["dataset"] in args.datasets]
+    for key, wanted in (("agent", args.agents), ("dataset", args.datasets)):
+        if wanted:
+            there = sorted({r[key] for r in recs})
+            recs = [r for r in recs if r[key] in wanted]
+            if not recs:  # a name with no run yet is fine (a column to come), but not all of them
+                sys.exit(f"error: no run of {key} {', '.join(wanted)}; the runs have {', '.join(there)}")
     cs = cells(recs)
     if not cs:
         sys.exit("error: no evaluated run in " + ", ".join(args.sweeps or [args.runs_dir]))

@@ -313,6 +313,10 @@ set = {json.dumps(TINY)}
     assert "DA window-trained" not in variant and datasets[0] in variant and datasets[1] not in variant
     text2 = doc.read_text()
     assert text2.startswith(text) and text2.count("<!-- suite-table:variant:begin -->") == 1
+    typo = subprocess.run([sys.executable, "scripts/suite_table.py", "--runs-dir", str(tmp_path / "suite"),
+                           "--agents", "decision_aaren_recency-1.0"], capture_output=True, text=True)
+    assert typo.returncode != 0 and "Traceback" not in typo.stderr
+    assert "no run of agent decision_aaren_recency-1.0; the runs have decision_aaren, " in typo.stderr
     folder = next((tmp_path / "sweep" / "decision_transformer").glob("*tier1/s1"))
     model, info = load_checkpoint(folder)
     assert model.config.backbone == "transformer" and info["group"]["runs"] == 4

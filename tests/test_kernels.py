@@ -201,8 +201,8 @@ def test_packed_scan_equals_plain_scan_and_writes_one_gradient(with_pad):
 
 @pytest.mark.parametrize("recency", [0.3, 4.0])
 def test_packed_scan_with_recency_adds_the_ramp_in_float32(recency):
-    """recency: the scores plus recency * i before the scan, summed in float32 even when sv is
-    bf16 (a bf16 ramp could not tell i = 900 from 901); d(sv) as autograd of the plain scan."""
+    """recency: the scores plus recency * i before the scan (the wrapper adds the ramp in float32,
+    as a bf16 ramp could not tell i = 900 from 901); outputs and d(sv) as autograd of the plain scan."""
     B, T, H, D = 3, 150, 2, 8
     F = H * D + H
     g = torch.Generator().manual_seed(5)
