@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layer import Aaren, AarenState, _check_rows, as_array, check_padding_mask, check_tokens
+from .layer import Aaren, AarenState, _check_rows, as_array, check_padding_mask, check_episode_ids, check_tokens
 
 
 class MLP(nn.Module):
@@ -88,15 +88,13 @@ class CausalSelfAttention(nn.Module):
         B, H, T, Dh = y.shape
         return self.out(y.transpose(1, 2).reshape(B, T, H * Dh))
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None, episode_ids: Tensor | None = None) -> Tensor:
         q, k, v = self._heads(x)
         dropout = self.attn_dropout if self.training else 0.0
-        if padding_mask is None:
+        if padding_mask is None and episode_ids is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
-            pos = torch.arange(x.shape[1], device=x.device)
-            allowed = _allowed(pos, pos, padding_mask, None)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_of(x, padding_mask, episode_ids), dropout_p=dropout)
         return self._merge(y)
 
     def init_state(self, batch_size: int, device=None, dtype=None, window: int | None = None) -> KVCache:
@@ -122,6 +120,16 @@ class CausalSelfAttention(nn.Module):
             keep = cache.window - 1
             k, v, valid = k[:, :, k.shape[2] - keep:], v[:, :, k.shape[2] - keep:], valid[:, valid.shape[1] - keep:]
         return self._merge(y), KVCache(k, v, valid, cache.window)
+
+
+def mask_of(x: Tensor, padding_mask: Tensor | None, episode_ids: Tensor | None) -> Tensor:
+    """The parallel form's attention mask (B or 1, 1, T, T): causal, not to padding, and within
+    the query's own episode (packed rows, ``episode_ids`` (B, T))."""
+    pos = torch.arange(x.shape[1], device=x.device)
+    allowed = _allowed(pos, pos, padding_mask, None)
+    if episode_ids is not None:
+        allowed = allowed & (episode_ids[:, None, :, None] == episode_ids[:, None, None, :])
+    return allowed
 
 
 def _allowed(query_pos: Tensor, key_pos: Tensor, padding_mask: Tensor | None, window: int | None) -> Tensor:
@@ -153,8 +161,9 @@ class Block(nn.Module):
         self.mlp = MLP(embed_dim, dropout)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        x = x + self.dropout(self.mixer(self.ln_1(x), padding_mask=padding_mask))
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None, episode_ids: Tensor | None = None) -> Tensor:
+        mixed = self.mixer(self.ln_1(x), padding_mask=padding_mask, episode_ids=episode_ids)
+        x = x + self.dropout(mixed)
         return x + self.mlp(self.ln_2(x))
 
     def init_state(self, batch_size: int, device=None, dtype=None, **kwargs):
@@ -211,11 +220,14 @@ class Backbone(nn.Module):
         self.blocks = nn.ModuleList(BLOCKS[kind](embed_dim, num_heads, dropout, **extra) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(embed_dim)
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None, episode_ids: Tensor | None = None) -> Tensor:
+        """x (B, T, E) -> (B, T, E). ``episode_ids`` (B, T) integers: each token sees only the earlier
+        tokens of its own episode (several episodes packed into one row)."""
         check_tokens("x", x, self.embed_dim)
         padding_mask = check_padding_mask(padding_mask, x)
+        episode_ids = check_episode_ids(episode_ids, x)
         for block in self.blocks:
-            x = block(x, padding_mask)
+            x = block(x, padding_mask, episode_ids)
         return self.ln_f(x)
 
     def init_state(self, batch_size: int, device=None, dtype=None, window: int | None = None) -> list:

@@ -50,13 +50,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from . import kernels
-from .blocks import CausalSelfAttention
+from .blocks import CausalSelfAttention, mask_of
 from .checkpoint import (
     load_trainer_state, read_weights, remove_stale_temporaries, resolve_checkpoint, save_checkpoint,
     update_checkpoint_info,
 )
 from .data import FlatEpisodes, TrajectoryDataset
-from .data.sampling import _randint
+from .data.sampling import _randint, pack_rows, packing_candidates
 from .model import DecisionModel, ModelConfig
 from .train import (
     TrainConfig, default_target_return, make_optimizer, portable_state, resolve_compile, resolve_device,
@@ -127,15 +127,13 @@ class _MaskedDropout(nn.Module):
         return x * self.mask.to(x.dtype)
 
 
-def _attention_with_mask(self: CausalSelfAttention, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+def _attention_with_mask(self: CausalSelfAttention, x: Tensor, padding_mask: Tensor | None = None,
+                         episode_ids: Tensor | None = None) -> Tensor:
     """``CausalSelfAttention.forward`` written out (PyTorch's math path for SDPA on the CPU, which
     the solo run takes with dropout on), with the attention-weight dropout mask from the buffer
     ``dropout_mask`` (B, H, T, T)."""
     q, k, v = self._heads(x)
-    T = x.shape[1]
-    allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    if padding_mask is not None:
-        allowed = (allowed & ~padding_mask[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=x.device)
+    allowed = mask_of(x, padding_mask, episode_ids)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
     weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
     weights = weights * self.dropout_mask.to(weights.dtype)
@@ -177,7 +175,8 @@ def _dropout_sites(model: DecisionModel, batch) -> list[_Site]:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             model.train()
             actions = model.normalize_action(batch.actions)
-            model(batch.returns_to_go, batch.observations, actions, batch.timesteps, batch.padding_mask)
+            model(batch.returns_to_go, batch.observations, actions, batch.timesteps, batch.padding_mask,
+                  episode_ids=batch.episode_ids)
     finally:
         for h in handles:
             h.remove()
@@ -192,12 +191,12 @@ class _Objective(nn.Module):
         super().__init__()
         self.model, self.amp, self.graphed = model, amp, graphed
 
-    def forward(self, returns_to_go, observations, actions, timesteps, padding_mask):
+    def forward(self, returns_to_go, observations, actions, timesteps, padding_mask, episode_ids=None):
         model = self.model
         actions = model.normalize_action(actions)
         device_type = returns_to_go.device.type
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=not self.graphed):
-            pred = model(returns_to_go, observations, actions, timesteps, padding_mask)
+            pred = model(returns_to_go, observations, actions, timesteps, padding_mask, episode_ids=episode_ids)
         return model.loss(pred.float(), actions, padding_mask)
 
 
@@ -234,6 +233,9 @@ class RunGroup:
         self.max_len = tc.max_episode_len
         if mc.context == "episode" and self.max_len is None:  # one batch shape for all runs
             self.max_len = max(r.dataset.max_episode_length for r in runs)
+        self.pack = tc.pack_episodes  # packed rows of max_len steps, the same draws per row for every run
+        self.candidates = (packing_candidates(self.max_len, min(r.dataset.min_episode_length for r in runs))
+                           if self.pack else None)
 
         # -- R models exactly as train() builds them; each run's dropout stream starts where the
         # solo run's global generator stands after building its model
@@ -303,6 +305,8 @@ class RunGroup:
     def _sample_one(self, dataset, gen):
         if self.context == "window":
             return dataset.sample_windows(self.batch_size, self.K, gen)
+        if self.pack:
+            return dataset.sample_packed(self.batch_size, self.max_len, gen, self.candidates)
         return dataset.sample_episodes(self.batch_size, gen, max_len=self.max_len)
 
     def sample(self) -> list[Tensor]:
@@ -317,13 +321,18 @@ class RunGroup:
             end = flat.episode_start[episode] + flat.episode_length[episode]
             valid = (i[:, None] + torch.arange(self.K, device=self.device)) < end[:, None]
             batch = flat.gather(i, valid)
+        elif self.pack:  # B x candidates draws per run, as sample_packed draws them
+            M = self.candidates
+            e = torch.stack([_randint(n, B * M, g, self.device) for n, g in zip(self.run_episodes, self.sample_gens)])
+            e = (e + self.episode_offset[:, None]).reshape(self.R * B, M)
+            batch = pack_rows(flat, e, self.max_len)
         else:
             e = torch.stack([_randint(n, B, g, self.device) for n, g in zip(self.run_episodes, self.sample_gens)])
             e = (e + self.episode_offset[:, None]).reshape(-1)
             valid = torch.arange(self.max_len, device=self.device) < flat.episode_length[e][:, None]
             batch = flat.gather(flat.episode_start[e], valid)
-        return [getattr(batch, f).reshape(self.R, B, *getattr(batch, f).shape[1:])
-                for f in ("returns_to_go", "observations", "actions", "timesteps", "padding_mask")]
+        names = ("returns_to_go", "observations", "actions", "timesteps", "padding_mask") + (("episode_ids",) if self.pack else ())
+        return [getattr(batch, f).reshape(self.R, B, *getattr(batch, f).shape[1:]) for f in names]
 
     def _concatenate_datasets(self) -> None:
         """The group's datasets as one ``FlatEpisodes`` (observations normalized per dataset, as

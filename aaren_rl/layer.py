@@ -21,6 +21,12 @@ s_i - lam (k - i) equals softmax of s_i + lam i (lam k is the same for every i),
 form adds lam i to the scores before the scan, and the recurrent form keeps its state's m referred
 to its last token: m - lam per token that comes after. A window-trained model that streams over a
 whole episode then sees old tokens fade as they did beyond its windows.
+
+Packed episodes (``episode_ids``, training rows of several episodes one after another): token i of
+episode g gets EPISODE_GAP * g added to its score, so a query in episode g weighs every token of an
+earlier episode by at most e^(-EPISODE_GAP) (plus their score difference) against its own
+episode's: each episode's outputs are those of a scan that starts empty at its first token, the
+same associative operator and kernels (it is a ramp like recency's, in float32).
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ from . import kernels
 
 NEG_INF = float("-inf")
 SCAN_CHUNK = 64
+# added to the scores per episode of a packed row: e^-64 ~ 1.6e-28 is what an earlier episode's
+# tokens weigh at most (scores differ by far less); float32 keeps 0.002 of a score at 30 000
+EPISODE_GAP = 64.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,6 +118,32 @@ def _ramp(s: Tensor, recency: float, positions: Tensor) -> Tensor:
     """s + recency * positions, in at least float32 (a bf16 score could not hold lam i at i ~ 1000)."""
     dtype = torch.promote_types(s.dtype, torch.float32)
     return s.to(dtype) + recency * positions.to(dtype)
+
+
+def score_offset(T: int, recency: float, episode_ids: Tensor | None, device,
+                 dtype: torch.dtype = torch.float32) -> Tensor | None:
+    """What the parallel form adds to the scores before the scan, (B or 1, T) in ``dtype`` (at
+    least float32): recency * i (a decay per token) plus EPISODE_GAP * episode id (packed rows);
+    None when neither applies."""
+    offset = None
+    dtype = torch.promote_types(dtype, torch.float32)
+    if recency:
+        offset = recency * torch.arange(T, device=device, dtype=dtype)[None]
+    if episode_ids is not None:
+        gap = EPISODE_GAP * episode_ids.to(dtype)
+        offset = gap if offset is None else offset + gap
+    return offset
+
+
+def check_episode_ids(episode_ids, x: Tensor):
+    if episode_ids is None:
+        return None
+    if not isinstance(episode_ids, Tensor) or episode_ids.shape != x.shape[:2]:
+        shape = tuple(episode_ids.shape) if isinstance(episode_ids, Tensor) else type(episode_ids).__name__
+        raise ValueError(f"episode_ids must have shape (batch, seq) = {tuple(x.shape[:2])}, got {shape}")
+    if episode_ids.dtype.is_floating_point or episode_ids.dtype == torch.bool:
+        raise ValueError(f"episode_ids must be an integer tensor (each token's episode in its row), got {episode_ids.dtype}")
+    return episode_ids
 
 
 def as_array(t: Tensor):
@@ -294,19 +329,24 @@ class Aaren(nn.Module):
         o = _readout(u, w).transpose(1, 2).reshape(B, T, self.embed_dim)  # (B, T, E)
         return self.out(o)
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """x (batch, seq, embed_dim) -> y of the same shape; padding (True) contributes nothing."""
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None, episode_ids: Tensor | None = None) -> Tensor:
+        """x (batch, seq, embed_dim) -> y of the same shape; padding (True) contributes nothing.
+        ``episode_ids`` (batch, seq) integers, nondecreasing along seq: a token attends only to the
+        tokens with its own id (packed episodes; see the module's docstring)."""
         check_tokens("x", x, self.embed_dim)
         padding_mask = check_padding_mask(padding_mask, x)
+        episode_ids = check_episode_ids(episode_ids, x)
         sv = self._project(x)
+        # + lam i (a decay of lam per token between each token and the query), + a gap per packed episode
+        offset = score_offset(x.shape[1], self.recency, episode_ids, x.device, sv.dtype)
         if kernels.use_fused_scan(x):  # CUDA with Triton: the same outputs from one fused kernel
             o = kernels.aaren_scan_packed(sv, self.num_heads, self.head_dim, padding_mask,
-                                          recency=self.recency)  # (B, H, T, Dh)
+                                          offset=offset)  # (B, H, T, Dh)
             y = self.out(o.transpose(1, 2).flatten(2))  # (B, T, E), no copy
             return y if padding_mask is None else y.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         s, v = self._split(sv)
-        if self.recency:  # + lam i: a decay of lam per token between each token and the query
-            s = _ramp(s, self.recency, torch.arange(s.shape[-1], device=s.device))
+        if offset is not None:
+            s = s.to(torch.promote_types(s.dtype, torch.float32)) + offset.unsqueeze(1)
         u = torch.ones_like(s)
         if padding_mask is not None:
             pad = padding_mask.unsqueeze(1)  # (B, 1, T)

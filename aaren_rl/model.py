@@ -167,16 +167,21 @@ class DecisionModel(nn.Module):
         ], dim=2).reshape(B, 3 * T, -1)
 
     def forward(self, returns_to_go: Tensor, observations: Tensor, actions: Tensor, timesteps: Tensor,
-                padding_mask: Tensor | None = None, state: list | None = None) -> Tensor:
+                padding_mask: Tensor | None = None, state: list | None = None,
+                episode_ids: Tensor | None = None) -> Tensor:
         """All inputs in model units, (B, T[, dim]); returns predicted a_t for every t: (B, T, action_dim).
 
         ``state`` (per-layer backbone states, e.g. from ``prefix_state``): the tokens continue that
         state (the recurrent form over a chunk: every output is the same function of everything
-        folded so far) instead of starting empty."""
+        folded so far) instead of starting empty. ``episode_ids`` (B, T) integers (packed rows,
+        ``data.sample_packed``): each step sees only the steps of its own episode in the row."""
         mask = None if padding_mask is None else padding_mask.repeat_interleave(3, dim=1)  # (B, 3T)
         x = self.embed_ln(self.tokens(returns_to_go, observations, actions, timesteps))
+        if episode_ids is not None and state is not None:
+            raise ValueError("episode_ids (packed rows) start from empty states; pass no state with them")
         if state is None:
-            h = self.backbone(x, padding_mask=mask)
+            seg = None if episode_ids is None else episode_ids.repeat_interleave(3, dim=1)
+            h = self.backbone(x, padding_mask=mask, episode_ids=seg)
         else:
             h, _ = self.backbone.step(x, state, padding_mask=mask)
         return self.action_output(h[:, S::3])  # outputs at the s_t tokens

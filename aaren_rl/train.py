@@ -34,6 +34,7 @@ from .checkpoint import (
 )
 from . import distributed
 from .data import TrajectoryDataset
+from .data.sampling import packing_candidates
 from .model import DecisionModel, ModelConfig
 
 # how the update runs: "none" eagerly; "cudagraph" captured once in a CUDA graph and replayed;
@@ -58,6 +59,10 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     compile: str = "auto"  # one of COMPILE_MODES; the same losses, fewer host launches on CUDA
     max_episode_len: int | None = None  # episode context: crop episodes to their first N steps
+    # episode context: pack whole episodes one after another into rows of max_episode_len steps (the
+    # dataset's longest by default), each attending only to itself (data.sample_packed); batch_size
+    # counts rows. A row of short episodes then trains on all of them instead of one and padding.
+    pack_episodes: bool = False
     log_every: int = 100
     eval_every: int = 10_000  # 0: evaluate only at the end
     eval_episodes: int = 10
@@ -77,6 +82,8 @@ class TrainConfig:
                 raise ValueError(f"train config: {name} must be >= 0, got {getattr(self, name)}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"train config: compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if not isinstance(self.pack_episodes, bool):
+            raise ValueError(f"train config: pack_episodes must be true or false, got {self.pack_episodes!r}")
         return self
 
 
@@ -98,7 +105,7 @@ def default_target_return(dataset: TrajectoryDataset) -> float:
 # evaluation and checkpoint intervals, may change): the optimizer state and the sampler's position
 # only mean something for the same model, data and optimization settings.
 RESUME_FIXED_TRAIN = ("batch_size", "learning_rate", "weight_decay", "warmup_steps", "grad_clip", "seed",
-                      "max_episode_len")
+                      "max_episode_len", "pack_episodes")
 RESUME_FIXED_DATASET = ("episodes", "steps", "return_mean", "return_max")  # its content, not its path
 
 
@@ -220,7 +227,7 @@ class UpdateStep:
                                                model.normalize_action(prefix.actions), prefix.timesteps,
                                                prefix.padding_mask)
             pred = self.forward_module(batch.returns_to_go, batch.observations, actions, batch.timesteps,
-                                       batch.padding_mask, state=state)
+                                       batch.padding_mask, state=state, episode_ids=batch.episode_ids)
         return model.loss(pred.float(), actions, batch.padding_mask)
 
     def _update(self):
@@ -294,6 +301,12 @@ def resolve_compile_data_parallel(mode: str) -> str:
     return "none"
 
 
+def check_packing(model_config: ModelConfig, config: TrainConfig) -> None:
+    if config.pack_episodes and model_config.context != "episode":
+        raise ValueError(f"train.pack_episodes packs whole episodes: it needs model.context = 'episode', "
+                         f"not {model_config.context!r}")
+
+
 def make_update_step(model_config: ModelConfig, config: TrainConfig, dataset: TrajectoryDataset,
                      device: torch.device | str = "cpu", weights: dict | None = None,
                      trainer_state: dict | None = None, ranks: distributed.Ranks | None = None) -> UpdateStep:
@@ -322,9 +335,11 @@ def make_update_step(model_config: ModelConfig, config: TrainConfig, dataset: Tr
     dataset.to(device)
     seed = distributed.rank_seed(config.seed, ranks.rank, world)
     gen = torch.Generator(device=device).manual_seed(seed)
+    check_packing(model_config, config)
     max_len = config.max_episode_len
-    if mode != "none" and max_len is None:
+    if (mode != "none" or config.pack_episodes) and max_len is None:
         max_len = dataset.max_episode_length  # a graph (or compiled code) runs one batch shape
+    candidates = packing_candidates(max_len, dataset.min_episode_length) if config.pack_episodes else None
 
     def sample_batch():
         if model_config.context == "window":
@@ -332,6 +347,8 @@ def make_update_step(model_config: ModelConfig, config: TrainConfig, dataset: Tr
         if model_config.context == "segment":  # (segments, prefixes)
             prefix = None if max_len is None else max(max_len - 1, 1)
             return dataset.sample_segments(batch_size, model_config.context_len, gen, max_prefix=prefix)
+        if config.pack_episodes:
+            return dataset.sample_packed(batch_size, max_len, gen, candidates)
         return dataset.sample_episodes(batch_size, gen, max_len=max_len)
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank

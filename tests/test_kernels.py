@@ -221,6 +221,28 @@ def test_packed_scan_with_recency_adds_the_ramp_in_float32(recency):
     assert rel_err(svf.grad, torch.nan_to_num(ref_sv.grad)) < 1e-5
 
 
+def test_packed_scan_with_an_offset_adds_it_to_every_heads_scores():
+    """offset (B, T) float32 (the layer's recency ramp plus a gap per packed episode): the scores
+    plus offset before the scan; outputs and d(sv) as autograd of the plain scan."""
+    B, T, H, D = 2, 130, 2, 8
+    F = H * D + H
+    g = torch.Generator().manual_seed(6)
+    sv = torch.randn(B, T, F, generator=g, dtype=torch.float64)
+    offset = 64.0 * (torch.arange(T) // 40).to(torch.float64).expand(B, T) + 0.1 * torch.arange(T)
+    grad_o = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    ref_sv = sv.clone().requires_grad_()
+    s, v = triton_scan._split_packed(ref_sv, H, D)
+    ref_o = reference(s + offset.unsqueeze(1), v)
+    ref_o.backward(grad_o)
+    svf = sv.float().to(DEVICE).requires_grad_()
+    o = kernels.aaren_scan_packed(svf, H, D, offset=offset.float().to(DEVICE))
+    o.backward(grad_o.float().to(DEVICE))
+    assert rel_err(o, ref_o.detach()) < 1e-5
+    assert rel_err(svf.grad, ref_sv.grad) < 1e-5
+    with pytest.raises(ValueError, match="offset must have shape"):
+        kernels.aaren_scan_packed(svf, H, D, offset=offset[:, :-1].float().to(DEVICE))
+
+
 def test_packed_scan_rejects_a_bad_width():
     with pytest.raises(ValueError, match="H \\* \\(Dh \\+ 1\\)"):
         kernels.aaren_scan_packed(torch.zeros(2, 5, 9, device=DEVICE), 2, 4)

@@ -9,9 +9,9 @@ is imported lazily, so loading data does not import Stable-Baselines3.
 """
 
 from .dataset import Episode, TrajectoryDataset, load_dataset, normalized_score
-from .sampling import Batch, FlatEpisodes, sample_episodes, sample_segments, sample_windows
+from .sampling import Batch, FlatEpisodes, sample_episodes, sample_packed, sample_segments, sample_windows
 
 __all__ = [
     "Batch", "Episode", "FlatEpisodes", "TrajectoryDataset", "load_dataset", "normalized_score",
-    "sample_episodes", "sample_segments", "sample_windows",
+    "sample_episodes", "sample_packed", "sample_segments", "sample_windows",
 ]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .sampling import Batch, FlatEpisodes, sample_episodes, sample_segments, sample_windows
+from .sampling import Batch, FlatEpisodes, sample_episodes, sample_packed, sample_segments, sample_windows
 
 HDF5_REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
 OBS_STD_FLOOR = 1e-6
@@ -206,6 +206,14 @@ class TrajectoryDataset:
     def sample_segments(self, batch_size: int, K: int, generator: torch.Generator | None = None,
                         max_prefix: int | None = None) -> tuple[Batch, Batch]:
         return sample_segments(self.flat, batch_size, K, generator, max_prefix)
+
+    def sample_packed(self, batch_size: int, row_len: int, generator: torch.Generator | None = None,
+                      candidates: int | None = None) -> Batch:
+        return sample_packed(self.flat, batch_size, row_len, generator, candidates)
+
+    @property
+    def min_episode_length(self) -> int:
+        return int(min(len(ep) for ep in self.episodes))
 
 
 # ---------------------------------------------------------------------------------- loading

@@ -8,6 +8,11 @@ no data-loader process.
 Padding is on the right: the real steps of a row come first, from its first timestep, and
 ``padding_mask`` is True on the padded tail. Causal models (and Aaren's left-to-right scan) never
 see the padding from a real position; only the loss must ignore it.
+
+Packed rows (``sample_packed``) hold several whole episodes one after another, each from its own
+t = 0, with ``episode_ids`` numbering them within the row: a model keeps its episodes apart by
+attending only within an episode (``blocks``, ``layer``), so a row of L steps trains on as many
+episodes as fit instead of one episode and padding.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ class Batch:
     rewards: torch.Tensor  # (B, L) float32
     timesteps: torch.Tensor  # (B, L) int64, t within the episode (0 on padding)
     padding_mask: torch.Tensor  # (B, L) bool
+    episode_ids: torch.Tensor | None = None  # (B, L) int64, packed rows: the episode's number in its row
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                        for f in fields(self)})
+        move = lambda x: None if x is None else x.to(device, non_blocking=non_blocking)
+        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
 
 @dataclass
@@ -81,7 +87,10 @@ class FlatEpisodes:
     def gather(self, start: torch.Tensor, valid: torch.Tensor) -> Batch:
         """Rows of consecutive steps: row b holds flat steps ``start[b] + j`` where ``valid[b, j]``."""
         L = valid.shape[1]
-        idx = start[:, None] + torch.arange(L, device=start.device)  # (B, L)
+        return self.gather_at(start[:, None] + torch.arange(L, device=start.device), valid)
+
+    def gather_at(self, idx: torch.Tensor, valid: torch.Tensor, episode_ids: torch.Tensor | None = None) -> Batch:
+        """Row b, position j holds flat step ``idx[b, j]`` where ``valid[b, j]`` (padding elsewhere)."""
         idx = torch.where(valid, idx, torch.zeros_like(idx))  # padding reads step 0, then is zeroed
         obs = (self.observations[idx] - self.obs_mean) / self.obs_std
         obs = obs * valid[..., None]
@@ -95,6 +104,7 @@ class FlatEpisodes:
             rewards=zero(self.rewards[idx]),
             timesteps=zero(self.timesteps[idx]),
             padding_mask=~valid,
+            episode_ids=episode_ids,
         )
 
 
@@ -138,6 +148,44 @@ def sample_episodes(flat: FlatEpisodes, batch_size: int, generator: torch.Genera
     L = max_len if max_len is not None else int(length.max())
     valid = torch.arange(L, device=device) < length[:, None]  # (B, L)
     return flat.gather(flat.episode_start[e], valid)
+
+
+def packing_candidates(row_len: int, min_episode_len: int) -> int:
+    """How many episodes a packed row of ``row_len`` steps draws: enough to fill it with the
+    shortest episodes (a fixed count: one shape, one number of draws per update)."""
+    _check_positive("row_len", row_len)
+    return -(-row_len // max(int(min_episode_len), 1))
+
+
+def pack_rows(flat: FlatEpisodes, episodes: torch.Tensor, row_len: int) -> Batch:
+    """Rows of ``row_len`` steps, row b filled with the episodes ``episodes[b, 0], episodes[b, 1],
+    ...`` ((B, M) indices) one after another, each from its t = 0, as far as they fit; the last
+    one that starts in the row is cut at its end (a prefix from t = 0, a context the stream
+    acts in too), and only steps past the M-th episode are padding. ``episode_ids`` numbers the
+    episodes within each row (0, 0, ..., 1, 1, ...). Tensor ops alone: no host sync, one shape."""
+    length = flat.episode_length[episodes]  # (B, M)
+    end = length.cumsum(1)  # one past each episode's last step, within the row
+    B, M = episodes.shape
+    j = torch.arange(row_len, device=episodes.device).expand(B, row_len).contiguous()
+    seg = torch.searchsorted(end, j, right=True)  # (B, L): the episode that position j falls in
+    valid = seg < M
+    seg = seg.clamp(max=M - 1)
+    t = j - (end - length).gather(1, seg)  # the step's timestep within its episode
+    idx = flat.episode_start[episodes.gather(1, seg)] + t
+    return flat.gather_at(idx, valid, episode_ids=seg)
+
+
+def sample_packed(flat: FlatEpisodes, batch_size: int, row_len: int, generator: torch.Generator | None = None,
+                  candidates: int | None = None) -> Batch:
+    """Whole episodes drawn uniformly (as ``sample_episodes`` draws them), packed into
+    ``batch_size`` rows of ``row_len`` steps (``pack_rows``); ``candidates`` episodes are drawn per
+    row (default: ``packing_candidates``, enough to fill a row with the shortest episodes)."""
+    _check_positive("batch_size", batch_size)
+    _check_positive("row_len", row_len)
+    M = candidates if candidates is not None else packing_candidates(row_len, int(flat.episode_length.min()))
+    _check_positive("candidates", M)
+    e = _randint(flat.num_episodes, batch_size * M, generator, flat.rewards.device).view(batch_size, M)
+    return pack_rows(flat, e, row_len)
 
 
 def sample_segments(flat: FlatEpisodes, batch_size: int, K: int, generator: torch.Generator | None = None,

@@ -46,12 +46,13 @@ def use_triton(flag: bool = True):
         _enabled = old
 
 
-def aaren_scan_packed(sv, num_heads, head_dim, padding_mask=None, recency=0.0):
+def aaren_scan_packed(sv, num_heads, head_dim, padding_mask=None, recency=0.0, offset=None):
     """The same scan over a packed projection sv (B, T, F): values, one score per head, padding;
-    ``recency`` > 0 adds recency * i to token i's score (in float32) before the scan."""
+    ``recency`` > 0 adds recency * i to token i's score, ``offset`` (B or 1, T) adds its values to
+    the scores of those tokens (both in float32) before the scan."""
     from .triton_scan import aaren_scan_packed as _scan
 
-    return _scan(sv, num_heads, head_dim, padding_mask, recency=recency)
+    return _scan(sv, num_heads, head_dim, padding_mask, recency=recency, offset=offset)
 
 
 __all__ = ["aaren_scan_packed", "triton_available", "use_fused_scan", "use_triton"]

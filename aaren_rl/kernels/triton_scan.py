@@ -464,10 +464,12 @@ class AarenScanPacked(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sv: torch.Tensor, num_heads: int, head_dim: int, padding_mask: torch.Tensor | None,
-                recency: float = 0.0):
+                recency: float = 0.0, offset: torch.Tensor | None = None):
         s, v = _split_packed(sv, num_heads, head_dim)
         if recency:  # a decay per token (layer.py): + recency * i, in float32 (not in sv's bf16)
             s = s.float() + recency * torch.arange(s.shape[-1], device=s.device, dtype=torch.float32)
+        if offset is not None:  # a float32 (B or 1, T) addition to every head's scores (layer.score_offset)
+            s = s.float() + offset.to(torch.float32).unsqueeze(1)
         if padding_mask is not None:  # a masked score gets no gradient, as with masked_fill
             s = s.masked_fill(padding_mask.unsqueeze(1), float("-inf"))
         o, r, u = scan_forward(s, v)
@@ -485,16 +487,19 @@ class AarenScanPacked(torch.autograd.Function):
         ds, _ = scan_backward(s, v, o, r, u, g, dv=d_v)
         d_s.copy_(ds)
         d_sv[..., H * Dh + H:].zero_()  # the padding columns
-        return d_sv, None, None, None, None
+        return d_sv, None, None, None, None, None
 
 
 def aaren_scan_packed(sv: torch.Tensor, num_heads: int, head_dim: int,
-                      padding_mask: torch.Tensor | None = None, recency: float = 0.0) -> torch.Tensor:
+                      padding_mask: torch.Tensor | None = None, recency: float = 0.0,
+                      offset: torch.Tensor | None = None) -> torch.Tensor:
     """o (B, H, T, Dh) from sv (B, T, F): values in the first H * Dh columns, then one score per
     head, then any padding columns (ignored; their gradient is 0).
 
     ``padding_mask`` (B, T), True = padding: those tokens contribute nothing. ``recency`` > 0:
     token i's score plus recency * i (float32), a decay of recency per token (``layer.Aaren``).
+    ``offset`` (B or 1, T), float32: added to every head's scores of those tokens (a ramp, packed
+    episodes' gaps; ``layer.score_offset``); its gradient is not computed.
     """
     if sv.dim() != 3 or sv.shape[-1] < num_heads * (head_dim + 1):
         raise ValueError(f"expected sv (B, T, F) with F >= H * (Dh + 1) = {num_heads * (head_dim + 1)}, "
@@ -503,5 +508,8 @@ def aaren_scan_packed(sv: torch.Tensor, num_heads: int, head_dim: int,
         sv = sv.contiguous()
     if padding_mask is not None and padding_mask.shape != sv.shape[:2]:
         raise ValueError(f"padding_mask must have shape {tuple(sv.shape[:2])}, got {tuple(padding_mask.shape)}")
-    return AarenScanPacked.apply(sv, num_heads, head_dim, padding_mask, float(recency))
+    if offset is not None and (offset.dim() != 2 or offset.shape[1] != sv.shape[1]
+                               or offset.shape[0] not in (1, sv.shape[0])):
+        raise ValueError(f"offset must have shape ({sv.shape[0]} or 1, {sv.shape[1]}), got {tuple(offset.shape)}")
+    return AarenScanPacked.apply(sv, num_heads, head_dim, padding_mask, float(recency), offset)
 
