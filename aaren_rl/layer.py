@@ -136,11 +136,8 @@ def score_offset(T: int, recency: float, episode_ids: Tensor | None, device,
 
 
 def check_episode_ids(episode_ids, x: Tensor):
-    if episode_ids is None:
+    if _check_per_token("episode_ids", episode_ids, x) is None:
         return None
-    if not isinstance(episode_ids, Tensor) or episode_ids.shape != x.shape[:2]:
-        shape = tuple(episode_ids.shape) if isinstance(episode_ids, Tensor) else type(episode_ids).__name__
-        raise ValueError(f"episode_ids must have shape (batch, seq) = {tuple(x.shape[:2])}, got {shape}")
     if episode_ids.dtype.is_floating_point or episode_ids.dtype == torch.bool:
         raise ValueError(f"episode_ids must be an integer tensor (each token's episode in its row), got {episode_ids.dtype}")
     return episode_ids
@@ -233,12 +230,17 @@ def _can_read_back(x: Tensor) -> bool:
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def _check_per_token(name: str, value, x: Tensor):
+    """None, or a tensor of shape (batch, seq) = x.shape[:2] (else a ValueError naming ``name``)."""
+    if value is not None and (not isinstance(value, Tensor) or value.shape != x.shape[:2]):
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{name} must have shape (batch, seq) = {tuple(x.shape[:2])}, got {shape}")
+    return value
+
+
 def check_padding_mask(padding_mask, x: Tensor):
-    if padding_mask is None:
+    if _check_per_token("padding_mask", padding_mask, x) is None:
         return None
-    if not isinstance(padding_mask, Tensor) or padding_mask.shape != x.shape[:2]:
-        shape = tuple(padding_mask.shape) if isinstance(padding_mask, Tensor) else type(padding_mask).__name__
-        raise ValueError(f"padding_mask must have shape (batch, seq) = {tuple(x.shape[:2])}, got {shape}")
     if padding_mask.dtype != torch.bool:
         raise ValueError(f"padding_mask must be a bool tensor (True = padding), got {padding_mask.dtype}")
     return padding_mask
