@@ -65,7 +65,8 @@ def single_process_first_update(dataset_file):
     assert not torch.equal(batches[0].observations, batches[1].observations)  # streams of their own
     real = [int((~b.padding_mask).sum()) for b in batches]
     assert real[0] != real[1]  # uneven padding: a plain mean over ranks would weight steps unequally
-    joined = Batch(**{k: torch.cat([getattr(b, k) for b in batches]) for k in vars(batches[0])})
+    cat = lambda k: None if getattr(batches[0], k) is None else torch.cat([getattr(b, k) for b in batches])
+    joined = Batch(**{k: cat(k) for k in vars(batches[0])})  # episode_ids: None (not packed)
     update.sample_batch = lambda: joined
     update()
     return update.model.state_dict(), update.pop_mean_loss()
