@@ -59,8 +59,8 @@ from .data import FlatEpisodes, TrajectoryDataset
 from .data.sampling import _randint, pack_rows, packing_candidates
 from .model import DecisionModel, ModelConfig
 from .train import (
-    TrainConfig, default_target_return, make_optimizer, portable_state, resolve_compile, resolve_device,
-    resume_differences,
+    TrainConfig, check_packing, default_target_return, make_optimizer, portable_state, resolve_compile,
+    resolve_device, resume_differences,
 )
 
 # what may differ between the runs of one group (everything else must be equal)
@@ -96,6 +96,7 @@ def group_key(run: Run) -> str:
 def check_group(runs: list[Run]) -> None:
     if not runs:
         raise ValueError("a group needs at least one run")
+    check_packing(runs[0].model_config, runs[0].config)  # the group key holds both for every run
     if runs[0].model_config.context == "segment":
         raise ValueError(f"run {runs[0].name!r}: context 'segment' (segments from prefix states) does not train in "
                          "groups yet; train its seeds one at a time (aaren-rl train --seed N)")

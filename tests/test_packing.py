@@ -9,6 +9,7 @@ import torch
 from aaren_rl.blocks import Backbone
 from aaren_rl.data import Episode, TrajectoryDataset
 from aaren_rl.data.sampling import pack_rows, packing_candidates
+from aaren_rl.group import Run, check_group
 from aaren_rl.model import DecisionModel
 from aaren_rl.train import TrainConfig, model_config_for, train
 
@@ -56,14 +57,14 @@ def test_too_few_candidates_leave_padding_after_the_last_episode():
     assert packing_candidates(10, 3) == 4  # enough 3-step episodes to fill 10 steps
 
 
-def test_sampled_packed_rows_are_full_and_draw_episodes_uniformly():
+def test_sampled_packed_rows_are_full_and_start_at_an_episodes_first_step():
     ds = small_dataset([2, 30, 5, 8, 13, 3])
     g = torch.Generator().manual_seed(0)
     batch = ds.sample_packed(64, 30, g)
     assert batch.observations.shape[:2] == (64, 30) and not batch.padding_mask.any()
     ids = batch.episode_ids
     assert (ids[:, 1:] >= ids[:, :-1]).all() and (ids[:, 0] == 0).all()
-    # the first episode of a row is never cut (rows are as long as the longest episode)
+    # every row starts at an episode's t = 0 (rows are as long as the longest episode)
     starts = batch.timesteps == 0
     assert starts[:, 0].all()
 
@@ -115,7 +116,7 @@ def test_a_packed_run_in_a_group_equals_the_run_alone(tmp_path, backbone):
                         ("train/loss", "train/grad_norm"), pack_episodes=True, max_episode_len=60, batch_size=3)
 
 
-def test_packed_training_learns_and_its_checkpoint_resumes(tmp_path):
+def test_packed_training_learns_and_a_resume_with_other_packing_is_refused(tmp_path):
     ds = uneven_dataset(0)
     mc = model_config(ds, "aaren", "episode")
     train(mc, packed_config(0, updates=60, learning_rate=3e-3), ds, tmp_path / "run", progress=False)
@@ -130,6 +131,8 @@ def test_packing_needs_the_episode_context():
     ds = uneven_dataset(0)
     with pytest.raises(ValueError, match="pack_episodes packs whole episodes: it needs model.context = 'episode'"):
         train(model_config(ds, "aaren", "window"), packed_config(0), ds, "unused", progress=False)
+    with pytest.raises(ValueError, match="pack_episodes packs whole episodes"):  # a group checks it too
+        check_group([Run(model_config(ds, "aaren", "window"), packed_config(0), ds, "unused")])
     with pytest.raises(ValueError, match="pack_episodes must be true or false"):
         TrainConfig(pack_episodes="yes").validate()
 
