@@ -179,7 +179,7 @@ def rollout_scripted(env_name: str, memory_length: int, epsilon: float, episodes
     return out
 
 
-def collect_datasets(out_dir, distance: int, episodes: int = 200, seed: int = 0, minari: bool = False) -> dict:
+def collect_datasets(out_dir, distance: int, episodes: int = 2000, seed: int = 0, minari: bool = False) -> dict:
     """The tiers random, medium, expert and medium-expert of the task at ``distance``, as D4RL-format
     HDF5 files ``OUT/memory_length_DISTANCE/TIER.hdf5`` (and Minari datasets
     ``aaren-rl/memory-length-DISTANCE/TIER-v0`` with ``minari``), with the random and expert

@@ -13,7 +13,9 @@ if __name__ == "__main__":
     p.add_argument("--distances", type=int, nargs="+", default=list(DISTANCES), choices=list(DISTANCES),
                    help="cue distances: steps from the last sight of the cue to the decision "
                         f"(default: {' '.join(map(str, DISTANCES))})")
-    p.add_argument("--episodes", type=int, default=200, help="episodes per tier (default: 200)")
+    p.add_argument("--episodes", type=int, default=2000,
+                   help="episodes per tier (default: 2000; with 200, whole-episode models memorize the training "
+                        "episodes: docs/results.md)")
     p.add_argument("--seed", type=int, default=0, help="seed of the rollouts (default: 0)")
     p.add_argument("--out", default="data/memory", help="output folder (default: data/memory)")
     p.add_argument("--minari", action="store_true", help="also write Minari datasets (default: off)")

@@ -7,6 +7,8 @@ Every agent gets the same budget: the same updates, about the same timesteps per
 of K = 20 steps x 40, or 16 whole episodes), the same width and optimizer; each run is evaluated
 once at the end on the same episodes (seeds 20000 + i), conditioned on the expert's return, and
 its success rate (the scored last action right) is reported next to the expert's and chance's.
+``--stage train`` only trains (e.g. on a GPU machine without bsuite) and ``--stage evaluate`` then
+evaluates the run folders it left under ``--out``, giving the JSON a whole run gives.
 """
 
 import argparse
@@ -40,7 +42,8 @@ def label(row: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     """Mean ± std over seeds of each agent's success rate at each cue distance, with the expert and chance.
-    Runs with other ``--set`` settings are rows of their own."""
+    Runs with other ``--set`` settings, or trained on another number of episodes, are rows of their own
+    (``train episodes``: the episodes of the tier trained on; '-' for runs that did not record it)."""
     import numpy as np
 
     from aaren_rl.output import markdown_table
@@ -48,13 +51,14 @@ def table(rows: list[dict]) -> str:
     out = []
     for d in sorted({r["cue_distance"] for r in rows}):
         at = [r for r in rows if r["cue_distance"] == d]
-        for agent in dict.fromkeys(label(r) for r in at):
-            s = [r["success_rate"] for r in at if label(r) == agent]
-            mode = next(r["mode"] for r in at if label(r) == agent)
-            out.append([d, agent, mode, len(s), f"{np.mean(s):.2f} ± {np.std(s):.2f}"])
-        out.append([d, "expert (scripted)", "-", "-", f"{at[0]['expert_success']:.2f}"])
-        out.append([d, "chance (random)", "-", "-", f"{at[0]['chance_success']:.2f}"])
-    return markdown_table(["cue distance", "agent", "acts", "seeds", "success rate (mean ± std)"], out, "rllrr")
+        for agent, n in dict.fromkeys((label(r), r.get("train_episodes")) for r in at):
+            same = [r for r in at if label(r) == agent and r.get("train_episodes") == n]
+            s = [r["success_rate"] for r in same]
+            out.append([d, agent, same[0]["mode"], "-" if n is None else n, len(s), f"{np.mean(s):.2f} ± {np.std(s):.2f}"])
+        out.append([d, "expert (scripted)", "-", "-", "-", f"{at[0]['expert_success']:.2f}"])
+        out.append([d, "chance (random)", "-", "-", "-", f"{at[0]['chance_success']:.2f}"])
+    return markdown_table(["cue distance", "agent", "acts", "train episodes", "seeds", "success rate (mean ± std)"],
+                          out, "rllrrr")
 
 
 def positive(kind):
@@ -99,6 +103,10 @@ if __name__ == "__main__":
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE", default=[],
                    help="more settings for every run, after the protocol's (e.g. model.query_init=1.0; "
                         "see aaren-rl train --help) (default: none)")
+    p.add_argument("--stage", default="all", choices=["all", "train", "evaluate"],
+                   help="train and evaluate each run (all), only train it (train: e.g. on a GPU machine without "
+                        "bsuite), or only evaluate the run folders a train stage left under --out (evaluate) "
+                        "(default: all)")
     p.add_argument("--table-from", nargs="+", metavar="RUN.json", default=None,
                    help="print the table of saved per-run JSON files and stop (default: train and evaluate)")
     args = p.parse_args()
@@ -125,31 +133,47 @@ if __name__ == "__main__":
     from aaren_rl.output import write_json
     from aaren_rl.policy import StreamingPolicy
 
+    def evaluate_run(run, agent, seed, trained):
+        """Evaluate a trained run folder as the protocol says; write and return its JSON row."""
+        model, _ = load_checkpoint(run, device="cpu")
+        policy = StreamingPolicy(model, report["ref_max_score"])
+        t0 = time.perf_counter()
+        res = evaluate_success(policy, env_id(args.distance), args.eval_episodes, EVAL_SEED)
+        out = {"agent": agent, "seed": seed, "task": "bsuite memory_len", "env_id": report["env_id"],
+               "cue_distance": args.distance, "memory_length": report["memory_length"], "tier": args.tier,
+               "train_episodes": report["tiers"][args.tier]["episodes"],
+               "mode": policy.mode, "updates": trained["updates"], "success_rate": res["success_rate"],
+               "expert_success": report["tiers"]["expert"]["success_rate"], "chance_success": CHANCE,
+               "random_tier_success": report["tiers"]["random"]["success_rate"],
+               "return_mean": res["return_mean"], "episodes": res["episodes"], "train_seconds": trained["train_seconds"],
+               "eval_seconds": time.perf_counter() - t0, "settings": trained["settings"], "batch_size": AGENTS[agent],
+               "target_return": report["ref_max_score"], "eval_seed": f"{EVAL_SEED} + i",
+               "train_device": trained["train_device"], "eval_device": "cpu"}
+        write_json(Path(args.results) / f"d{args.distance}_{agent}_s{seed}.json", out)
+        print(f"{agent} seed {seed}: success {res['success_rate']:.2f} (return {res['return_mean']:.2f}), "
+              f"train {trained['train_seconds']:.0f} s", flush=True)
+        return out
+
     rows, run_settings = [], settings(args.lr) + [f"train.compile={args.compile}"] + args.set
     for agent in args.agents:
         for seed in args.seeds:
             run = Path(args.out) / f"d{args.distance}" / f"{agent}-s{seed}"
+            if args.stage == "evaluate":
+                try:
+                    trained = json.loads((run / "memory_run.json").read_text())
+                except (OSError, ValueError) as e:
+                    sys.exit(f"error: no trained run at {run} ({e}); run the train stage first")
+                rows.append(evaluate_run(run, agent, seed, trained))
+                continue
             t0 = time.perf_counter()
             cli(["train", "--agent", agent, "--dataset", str(dataset), "--updates", str(args.updates), "--seed", str(seed),
                  "--eval-every", "0", "--eval-episodes", "0", "--checkpoint-every", str(args.updates), "--device", args.device,
                  "--threads", str(args.threads), "--logdir", str(run), "--no-progress",
                  "--set", *run_settings, f"train.batch_size={AGENTS[agent]}"])
-            train_s = time.perf_counter() - t0
-            model, _ = load_checkpoint(run, device="cpu")
-            policy = StreamingPolicy(model, report["ref_max_score"])
-            t0 = time.perf_counter()
-            res = evaluate_success(policy, env_id(args.distance), args.eval_episodes, EVAL_SEED)
-            out = {"agent": agent, "seed": seed, "task": "bsuite memory_len", "env_id": report["env_id"],
-                   "cue_distance": args.distance, "memory_length": report["memory_length"], "tier": args.tier,
-                   "mode": policy.mode, "updates": args.updates, "success_rate": res["success_rate"],
-                   "expert_success": report["tiers"]["expert"]["success_rate"], "chance_success": CHANCE,
-                   "random_tier_success": report["tiers"]["random"]["success_rate"],
-                   "return_mean": res["return_mean"], "episodes": res["episodes"], "train_seconds": train_s,
-                   "eval_seconds": time.perf_counter() - t0, "settings": run_settings, "batch_size": AGENTS[agent],
-                   "target_return": report["ref_max_score"], "eval_seed": f"{EVAL_SEED} + i",
-                   "train_device": args.device, "eval_device": "cpu"}
-            write_json(Path(args.results) / f"d{args.distance}_{agent}_s{seed}.json", out)
-            rows.append(out)
-            print(f"{agent} seed {seed}: success {res['success_rate']:.2f} (return {res['return_mean']:.2f}), "
-                  f"train {train_s:.0f} s", flush=True)
-    print("\n" + table(rows))
+            trained = {"train_seconds": time.perf_counter() - t0, "train_device": args.device,
+                       "updates": args.updates, "settings": run_settings}
+            write_json(run / "memory_run.json", trained)
+            if args.stage == "all":
+                rows.append(evaluate_run(run, agent, seed, trained))
+    if rows:
+        print("\n" + table(rows))

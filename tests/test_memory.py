@@ -171,12 +171,45 @@ def test_memory_runs_table_keeps_runs_with_other_settings_apart(tmp_path):
             "chance_success": 0.5, "settings": ["model.embed_dim=64", "train.learning_rate=0.0003"]}
     runs = [dict(base, seed=0, success_rate=0.5), dict(base, seed=1, success_rate=0.5),
             dict(base, seed=0, success_rate=1.0, settings=base["settings"] + ["model.query_init=1.0"]),
-            dict(base, seed=1, success_rate=0.0, settings=base["settings"] + ["model.query_init=1.0"])]
+            dict(base, seed=1, success_rate=0.0, settings=base["settings"] + ["model.query_init=1.0"]),
+            dict(base, seed=0, success_rate=1.0, train_episodes=4000), dict(base, seed=1, success_rate=1.0, train_episodes=4000)]
     files = []
     for i, r in enumerate(runs):
         files.append(tmp_path / f"r{i}.json")
         files[-1].write_text(json.dumps(r))
     out = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "memory_runs.py"), "--table-from",
                           *map(str, files)], capture_output=True, text=True, check=True).stdout
-    assert "| 100 | decision_aaren_episode | recurrent | 2 | 0.50 ± 0.00 |" in out
-    assert "| 100 | decision_aaren_episode model.query_init=1.0 | recurrent | 2 | 0.50 ± 0.50 |" in out
+    assert "| 100 | decision_aaren_episode | recurrent | - | 2 | 0.50 ± 0.00 |" in out
+    assert "| 100 | decision_aaren_episode model.query_init=1.0 | recurrent | - | 2 | 0.50 ± 0.50 |" in out
+    assert "| 100 | decision_aaren_episode | recurrent | 4000 | 2 | 1.00 ± 0.00 |" in out  # other data: its own row
+
+
+def test_memory_runs_train_then_evaluate_equals_one_run(tmp_path):
+    """--stage train on one machine and --stage evaluate on another give the JSON a whole run gives."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from aaren_rl.memory import collect_datasets
+
+    collect_datasets(tmp_path / "data", 50, episodes=20, seed=0)
+    script = str(Path(__file__).parents[1] / "scripts" / "memory_runs.py")
+    common = ["--data", str(tmp_path / "data"), "--distance", "50", "--agents", "decision_aaren_episode", "--seeds", "0",
+              "--updates", "3", "--eval-episodes", "10", "--set", "train.batch_size=2"]
+
+    def run(out, results, *stage):
+        subprocess.run([sys.executable, script, *common, "--out", str(tmp_path / out), "--results",
+                        str(tmp_path / results), *stage], capture_output=True, text=True, check=True)
+        saved = tmp_path / results / "d50_decision_aaren_episode_s0.json"
+        return json.loads(saved.read_text()) if saved.exists() else None
+
+    whole = run("a", "ra")
+    assert run("b", "rb", "--stage", "train") is None  # training alone writes no result
+    staged = run("b", "rb", "--stage", "evaluate")
+    for row in (whole, staged):
+        row.pop("eval_seconds"), row.pop("train_seconds")
+    assert staged == whole and whole["train_episodes"] == 40 and whole["updates"] == 3
+    bad = subprocess.run([sys.executable, script, *common, "--out", str(tmp_path / "none"), "--stage", "evaluate"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "run the train stage first" in bad.stderr
