@@ -280,6 +280,11 @@ def test_unknown_minari_dataset(raw_episodes):
         load_dataset("test/pendulum/nothing-v0")
     with pytest.raises(ValueError, match="version suffix"):
         load_dataset("test/pendulum/tiny")
+    with pytest.raises(FileNotFoundError, match="download=True"):
+        load_dataset("mujoco/hopper/medium-v0")  # a remote dataset: fetch it
+    with pytest.raises(FileNotFoundError, match="make it with `aaren-rl collect --env hopper`") as e:
+        load_dataset("aaren-rl/hopper/medium-v0")  # this project's own: made here, never downloaded
+    assert "download=True" not in str(e.value)
 
 
 def test_a_directory_named_like_a_file_is_said_to_be_a_directory(tmp_path):

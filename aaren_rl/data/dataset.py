@@ -327,10 +327,15 @@ def _load_minari(dataset_id: str, env_id: str | None, download: bool) -> Traject
         md = minari.load_dataset(dataset_id, download=download)
     except FileNotFoundError:
         local = sorted(minari.list_local_datasets())
+        parts = dataset_id.split("/")
+        if parts[0] == "aaren-rl" and len(parts) == 3:  # this project's own data: made here, never downloaded
+            hint = f"; make it with `aaren-rl collect --env {parts[1]}` (docs/data.md)"
+        else:
+            hint = "" if download else "; pass download=True to fetch it (needs minari[hf] and the network)"
         raise FileNotFoundError(
             f"unknown Minari dataset {dataset_id!r}: not found under "
             f"{minari.storage.get_dataset_path()} (MINARI_DATASETS_PATH); local datasets: "
-            f"{', '.join(local) or 'none'}" + ("" if download else "; pass download=True to fetch it")
+            f"{', '.join(local) or 'none'}{hint}"
         ) from None
     discrete, low, high = _space_bounds(md.action_space)
     episodes = []
