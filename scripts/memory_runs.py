@@ -141,7 +141,7 @@ if __name__ == "__main__":
         res = evaluate_success(policy, env_id(args.distance), args.eval_episodes, EVAL_SEED)
         out = {"agent": agent, "seed": seed, "task": "bsuite memory_len", "env_id": report["env_id"],
                "cue_distance": args.distance, "memory_length": report["memory_length"], "tier": args.tier,
-               "train_episodes": report["tiers"][args.tier]["episodes"],
+               "train_episodes": trained.get("train_episodes", report["tiers"][args.tier]["episodes"]),
                "mode": policy.mode, "updates": trained["updates"], "success_rate": res["success_rate"],
                "expert_success": report["tiers"]["expert"]["success_rate"], "chance_success": CHANCE,
                "random_tier_success": report["tiers"]["random"]["success_rate"],
@@ -171,7 +171,8 @@ if __name__ == "__main__":
                  "--threads", str(args.threads), "--logdir", str(run), "--no-progress",
                  "--set", *run_settings, f"train.batch_size={AGENTS[agent]}"])
             trained = {"train_seconds": time.perf_counter() - t0, "train_device": args.device,
-                       "updates": args.updates, "settings": run_settings}
+                       "updates": args.updates, "settings": run_settings,
+                       "train_episodes": report["tiers"][args.tier]["episodes"], "dataset": str(dataset)}
             write_json(run / "memory_run.json", trained)
             if args.stage == "all":
                 rows.append(evaluate_run(run, agent, seed, trained))
