@@ -341,3 +341,83 @@ def test_presets_references_match_the_committed_data_reports():
         assert env["env_id"] == report["env_id"]
         assert env["ref_min"] == pytest.approx(report["ref_min_score"], abs=0.05), path.name
         assert env["ref_max"] == pytest.approx(report["ref_max_score"], abs=0.05), path.name
+
+
+def _same_tiers(ids_a: dict, ids_b: dict) -> None:
+    for tier in ids_a:
+        ea, eb = load_dataset(ids_a[tier]).episodes, load_dataset(ids_b[tier]).episodes
+        assert len(ea) == len(eb) > 0, tier
+        for x, y in zip(ea, eb):
+            np.testing.assert_array_equal(x.observations, y.observations)
+            np.testing.assert_array_equal(x.actions, y.actions)
+            np.testing.assert_array_equal(x.rewards, y.rewards)
+
+
+def _pack_roundtrip(tmp_path, **kwargs):
+    ids = lambda prefix: {t: f"{prefix}/{t}-v0" for t in TIERS}
+    cfg = CollectConfig(out_dir=str(tmp_path / "out"), dataset_ids=ids("orig"), **kwargs)
+    report = collect(cfg)
+    pack = collect_module.write_pack(cfg.folder, tmp_path / "packs" / cfg.name)
+    assert not (tmp_path / "packs" / f"{cfg.name}.partial").exists()
+    rebuilt_cfg = CollectConfig(out_dir=str(tmp_path / "again"), dataset_ids=ids("again"),
+                                from_pack=str(pack), **kwargs)
+    rebuilt = collect(rebuilt_cfg)
+    assert rebuilt["from_pack"] == str(pack) and not (rebuilt_cfg.folder / "policies").exists()
+    for key in ("ref_min_score", "ref_max_score", "medium", "expert", "trained_steps", "sessions"):
+        assert rebuilt[key] == report[key], key
+    for tier in TIERS:
+        assert {k: v for k, v in rebuilt["tiers"][tier].items() if k not in ("dataset_id", "rollout_seconds")} \
+            == {k: v for k, v in report["tiers"][tier].items() if k not in ("dataset_id", "rollout_seconds")}
+    _same_tiers(ids("orig"), ids("again"))
+    return cfg, pack
+
+
+def test_a_pack_rebuilds_the_same_tiers_without_training(tmp_path, monkeypatch):
+    cfg, pack = _pack_roundtrip(tmp_path, **TINY)
+    assert sorted(p.name for p in pack.iterdir()) == ["expert.zip", "medium.zip", "medium_replay.npz", "pack.json"]
+    # no learner is trained from a pack
+    monkeypatch.setattr(collect_module, "train_learner", lambda *a, **k: pytest.fail("trained"))
+    again = CollectConfig(out_dir=str(tmp_path / "third"), dataset_ids={t: f"third/{t}-v0" for t in TIERS},
+                          from_pack=str(pack), **TINY)
+    assert collect(again)["status"] == "complete"
+    # a pack of other learner settings is refused, naming what differs
+    with pytest.raises(collect_module.CollectError, match="seed"):
+        collect(CollectConfig(out_dir=str(tmp_path / "fourth"), from_pack=str(pack), **dict(TINY, seed=3)))
+
+
+def test_sbx_pack_keeps_only_the_actors_and_rebuilds_the_same_tiers(tmp_path):
+    pytest.importorskip("sbx")
+    kwargs = dict(TINY, library="sbx", algorithm="tqc", n_envs=1, steps=300, checkpoints=3,
+                  hyperparameters={"learning_starts": 50, "batch_size": 32})
+    cfg, pack = _pack_roundtrip(tmp_path, **kwargs)
+    names = sorted(p.name for p in pack.iterdir())
+    assert names == ["expert_actor.msgpack", "expert_key.npy", "medium_actor.msgpack", "medium_key.npy",
+                     "medium_replay.npz", "pack.json"]
+    saved = (cfg.folder / "policies" / "medium.zip").stat().st_size
+    assert (pack / "medium_actor.msgpack").stat().st_size < saved / 3
+
+
+def test_cli_pack_and_from_pack(tmp_path, capsys):
+    out, packs = tmp_path / "out", tmp_path / "packs"
+    preset = tmp_path / "pendulum.toml"
+    preset.write_text(
+        'env_id = "Pendulum-v1"\n[datasets]\nrandom = "cli/pendulum/random-v0"\n'
+        'medium-replay = "cli/pendulum/medium-replay-v0"\n'
+        "[collect]\nn_envs = 2\ncheckpoints = 2\ncheckpoint_eval_episodes = 1\nrollout_envs = 2\n"
+        "check_references = false\n"
+        "[collect.hyperparameters]\nn_steps = 64\nbatch_size = 64\nn_epochs = 1\n")
+    args = ["collect", "--env", str(preset), "--tiers", "random", "medium-replay", "--steps", "256",
+            "--episodes", "1", "--ref-episodes", "1", "--out", str(out)]
+    assert main(args + ["--pack", str(packs)]) == 0
+    assert (packs / "pendulum" / "pack.json").is_file() and "learner packed in" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no pack for 'pendulum'"):
+        main(args + ["--from-pack", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="exclude each other"):
+        main(args + ["--from-pack", str(packs), "--pack", str(packs)])
+    assert main(args + ["--from-pack", str(packs), "--out", str(tmp_path / "b"), "--force"]) == 0
+    report = json.loads((tmp_path / "b" / "pendulum" / "report.json").read_text())
+    assert report["status"] == "complete" and report["from_pack"] == str(packs / "pendulum")
+    # nothing to pack where no collection finished: a clear error, no pack written
+    with pytest.raises(collect_module.CollectError, match="no finished collection"):
+        collect_module.write_pack(tmp_path / "empty", tmp_path / "p2")
+    assert not (tmp_path / "p2").exists()

@@ -3,6 +3,8 @@
     aaren-rl collect --env pendulum --hdf5                 # the quick demo environment
     aaren-rl collect --suite locomotion --hdf5             # hopper, halfcheetah, walker2d, ant
     aaren-rl collect --env CartPole-v1 --steps 50000       # any gymnasium id, default settings
+    aaren-rl collect --env halfcheetah --pack benchmarks/learners        # keep the finished learner small
+    aaren-rl collect --env halfcheetah --from-pack benchmarks/learners --hdf5   # the tiers again, no training
 
 Settings come from the env preset's ``[collect]`` table (``envs/NAME.toml``); options given here
 override them. Minari datasets go to ``$MINARI_DATASETS_PATH`` (default ``~/.minari/datasets``);
@@ -50,6 +52,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write a summary report DIR/data_NAME.json, e.g. benchmarks/results "
                         "(default: none)")
     p.add_argument("--force", action="store_true", help="replace existing datasets with the same ids")
+    p.add_argument("--pack", metavar="DIR", default="",
+                   help="after a finished collection, write its learner as a pack DIR/NAME: the medium and "
+                        "expert policies (sbx: the actors only), the medium-replay experience and the "
+                        "learner's record, a few MB to commit or carry (default: none)")
+    p.add_argument("--from-pack", metavar="DIR", default="",
+                   help="rebuild the tiers from the pack DIR/NAME (written by --pack) instead of training: "
+                        "the same episodes, in minutes (default: train)")
     p.add_argument("--threads", type=int, default=1, help="torch (and JAX) CPU threads (default: 1)")
 
 
@@ -84,8 +93,14 @@ def config_for(name: str, args: argparse.Namespace):
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if "tiers" in settings:
         settings["tiers"] = tuple(settings["tiers"])
+    from_pack = ""
+    if args.from_pack:
+        from_pack = str(Path(args.from_pack) / settings["name"])
+        if not (Path(from_pack) / "pack.json").is_file():
+            raise SystemExit(f"error: no pack for {settings['name']!r} in {args.from_pack} "
+                             f"(expected {from_pack}/pack.json, written by aaren-rl collect --pack)")
     return CollectConfig(env_id=env_id, out_dir=args.out, hdf5=args.hdf5, force=args.force,
-                         results_dir=args.results, **settings)
+                         results_dir=args.results, from_pack=from_pack, **settings)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,9 +111,12 @@ def run(args: argparse.Namespace) -> int:
     import gymnasium as gym
     import torch
 
-    from aaren_rl.data.collect import CollectError, collect, tiers_table
+    from aaren_rl.data.collect import CollectError, collect, tiers_table, write_pack
 
     torch.set_num_threads(args.threads)
+    if args.pack and args.from_pack:
+        raise SystemExit("error: --pack and --from-pack exclude each other (a pack is written from a "
+                         "trained learner; --from-pack rebuilds tiers without one)")
     names = SUITES[args.suite] if args.suite else args.env
     configs = [config_for(name, args) for name in names]  # check every preset before any training
     for cfg in configs:
@@ -123,6 +141,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"\n{cfg.env_id}: collection FAILED: {type(e).__name__}: {e}", file=sys.stderr)
             failed.append(cfg.env_id)
             continue
+        if args.pack:
+            try:
+                dest = write_pack(cfg.folder, Path(args.pack) / cfg.name)
+            except CollectError as e:
+                raise SystemExit(f"error: {e}") from None
+            size = sum(f.stat().st_size for f in dest.iterdir()) / 2**20
+            print(f"\n{cfg.env_id}: learner packed in {dest} ({size:.1f} MB); rebuild the tiers with "
+                  f"aaren-rl collect --env {cfg.name} --from-pack {args.pack}")
         if report.get("skipped"):
             print(f"\n{cfg.env_id}: already complete ({cfg.folder / 'report.json'}); "
                   "not redone (--force rebuilds its datasets)")

@@ -16,6 +16,12 @@ One call to :func:`collect` does what D4RL did for its MuJoCo datasets:
 4. roll out the tiers: ``random``, ``medium``, ``expert``; ``medium-replay`` = everything the
    learner saw until the medium checkpoint, in order; ``medium-expert`` = medium then expert;
 5. write each tier as a Minari dataset (and optionally a D4RL-format HDF5 file), plus a JSON report.
+
+A finished learner can be kept as a *pack* (:func:`write_pack`, ``aaren-rl collect --pack DIR``):
+the medium and expert policies (for sbx, only the actor's parameters), the learner's experience up
+to the medium checkpoint, and what the report says of the learner: a few MB, small enough to
+commit or carry to another machine. ``collect`` with ``from_pack`` rebuilds every tier from it
+without training, the same episodes as the collection that wrote it (tested).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..output import write_json
-from .recording import RawEpisode, RecordingVecEnv, rollout
+from .recording import RawEpisode, RecordingVecEnv, episodes_until, rollout
 from .writers import (clean_stale_staging, minari_dataset_exists, minari_root, publish_minari,
                       stage_minari, write_hdf5)
 
@@ -93,6 +99,7 @@ class CollectConfig:
     results_dir: str = ""  # if set, also write the summary report results_dir/data_<name>.json
     d4rl_ref_min: float | None = None  # D4RL's references (from the preset), for the summary
     d4rl_ref_max: float | None = None
+    from_pack: str = ""  # a pack folder (write_pack): rebuild the tiers from it, no training
 
     def dataset_id(self, tier: str) -> str:
         return self.dataset_ids.get(tier) or f"aaren-rl/{self.name}/{tier}-v0"
@@ -430,6 +437,115 @@ def train_learner(cfg: CollectConfig, policies_dir: Path, log=print):
     return recording, saved, info
 
 
+# ---------------------------------------------------------------------------------- packs
+
+PACK_VERSION = 1
+
+
+def _save_pack_policy(model_path: Path, cfg: CollectConfig, dest: Path, name: str) -> None:
+    """One saved policy into a pack: sbx's actor parameters and sampling key (the critics and
+    optimizer states, ~97% of the saved model, are not needed to act), or the saved model as is."""
+    if cfg.library == "sbx":
+        import flax.serialization
+        import jax
+
+        model = _algorithm(cfg.algorithm, cfg.library).load(model_path)
+        (dest / f"{name}_actor.msgpack").write_bytes(flax.serialization.to_bytes(model.policy.actor_state.params))
+        np.save(dest / f"{name}_key.npy", np.asarray(jax.random.key_data(model.policy.key)
+                                                      if jax.dtypes.issubdtype(model.policy.key.dtype, jax.dtypes.prng_key)
+                                                      else model.policy.key))
+    else:
+        shutil.copy(model_path, dest / f"{name}.zip")
+    if _vecnormalize_path(model_path).exists():
+        shutil.copy(_vecnormalize_path(model_path), dest / f"{name}_vecnormalize.pkl")
+
+
+def load_pack_policy(pack: Path, name: str, cfg: CollectConfig):
+    """A pack's ``medium`` or ``expert`` policy, as :func:`load_policy` returns it: the same
+    actions, for sbx from a fresh model of the pack's settings given the saved actor and key."""
+    pack = Path(pack)
+    if cfg.library != "sbx":
+        return load_policy(pack / f"{name}.zip", cfg.algorithm, cfg.env_id, cfg.deterministic, cfg.library)
+    import flax.serialization
+    import jax.numpy as jnp
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    env = gym.make(cfg.env_id)
+    hyper = {k: v for k, v in cfg.hyperparameters.items() if k not in ("buffer_size", "learning_starts")}
+    model = _algorithm(cfg.algorithm, cfg.library)("MlpPolicy", env, seed=cfg.seed, verbose=0, buffer_size=1,
+                                                   policy_kwargs=_policy_kwargs(cfg.policy_kwargs, cfg.library),
+                                                   **hyper)
+    env.close()
+    state = model.policy.actor_state
+    params = flax.serialization.from_bytes(state.params, (pack / f"{name}_actor.msgpack").read_bytes())
+    model.policy.actor_state = state.replace(params=params)
+    model.policy.key = jnp.asarray(np.load(pack / f"{name}_key.npy"))
+    norm = None
+    if (pack / f"{name}_vecnormalize.pkl").exists():
+        norm = VecNormalize.load(str(pack / f"{name}_vecnormalize.pkl"), DummyVecEnv([lambda: gym.make(cfg.env_id)]))
+        norm.training = False
+
+    def policy(obs: np.ndarray) -> np.ndarray:
+        if norm is not None:
+            obs = norm.normalize_obs(obs)
+        return model.predict(obs, deterministic=cfg.deterministic)[0]
+
+    return policy
+
+
+def write_pack(folder: Path, dest: Path) -> Path:
+    """The finished collection in ``folder`` (``--out/NAME``) as a pack in ``dest``: medium and
+    expert policies, ``medium_replay.npz`` (the learner's experience up to the medium checkpoint,
+    float32, compressed) and ``pack.json`` (the learner's settings, training sessions, checkpoint
+    evaluations and the medium and expert choices). Written in a side folder and renamed, so a
+    stopped write leaves no pack."""
+    folder, dest = Path(folder), Path(dest)
+    report = _read_report(folder / "report.json")
+    if not report or report.get("status") != "complete":
+        raise CollectError(f"{folder}: no finished collection to pack (report.json is missing or not "
+                           "complete); run the collection first")
+    cfg = CollectConfig(**{**report["config"], "tiers": tuple(report["config"]["tiers"])})
+    evals = report["checkpoints"] + [report["final_eval"]]
+    expert = next(e for e in evals if e["step"] == report["expert"]["step"])
+    expert_path = folder / "policies" / Path(expert["path"]).name  # paths in the report: from where it ran
+    recording = folder / "policies" / "resume" / "recording.npz"
+    medium_path = folder / "policies" / "medium.zip"
+    for path in (expert_path, medium_path, recording):
+        if not path.exists():
+            raise CollectError(f"{folder}: {path} is missing; a pack needs the finished learner's files")
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _save_pack_policy(expert_path, cfg, tmp, "expert")
+    _save_pack_policy(medium_path, cfg, tmp, "medium")
+    replay = episodes_until(load_episodes(recording)["episodes"], report["medium"]["step"], cfg.n_envs)
+    save_episodes(tmp / "medium_replay.npz", {"episodes": replay, "num_steps": report["medium"]["step"]})
+    keep = ("trained_steps", "train_seconds", "sessions", "checkpoints", "final_eval", "expert", "medium",
+            "ref_min_score", "ref_max_score")
+    write_json(tmp / "pack.json", {"version": PACK_VERSION, "env_id": cfg.env_id, "name": cfg.name,
+                                   "key": _resume_key(cfg), "steps": cfg.steps, "machine": report.get("machine"),
+                                   **{k: report[k] for k in keep}})
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def read_pack(pack: Path, cfg: CollectConfig) -> dict:
+    """A pack's ``pack.json``, checked against ``cfg`` (the same env and learner settings)."""
+    pack = Path(pack)
+    meta = _read_report(pack / "pack.json")
+    if meta is None:
+        raise CollectError(f"{pack} is not a pack (no readable pack.json); write one with "
+                           f"aaren-rl collect --env NAME --pack DIR")
+    if meta.get("version") != PACK_VERSION:
+        raise CollectError(f"{pack}: pack version {meta.get('version')!r}, expected {PACK_VERSION}")
+    if meta["key"] != _resume_key(cfg):
+        diff = sorted(k for k in meta["key"] if meta["key"][k] != _resume_key(cfg).get(k))
+        raise CollectError(f"{pack} holds a learner of other settings than {cfg.name}'s ({', '.join(diff)} "
+                           f"differ): rebuild with the settings it was made with")
+    return meta
+
+
 # ---------------------------------------------------------------------------------- collection
 
 
@@ -476,33 +592,45 @@ def collect(cfg: CollectConfig) -> dict:
     report = {"env_id": cfg.env_id, "config": asdict(cfg), "status": "running"}
     write_json(folder / "report.json", report)  # not complete: a rerun continues this one
 
-    # 1. the learner
-    recording, checkpoints, info = train_learner(cfg, folder / "policies")
-    report.update(info)
-    report["trained_steps"] = checkpoints[-1][0]  # SB3 rounds up to whole rollouts
-    policy = lambda path: load_policy(path, cfg.algorithm, cfg.env_id, cfg.deterministic, cfg.library)
+    # 1.-3. from a pack: its learner's choices and experience, no training
+    if cfg.from_pack:
+        pack = Path(cfg.from_pack)
+        meta = read_pack(pack, cfg)
+        report.update({k: meta[k] for k in ("trained_steps", "train_seconds", "sessions", "checkpoints",
+                                            "final_eval", "expert", "medium")}, resumed_from=None,
+                      from_pack=str(pack))
+        replay = load_episodes(pack / "medium_replay.npz")["episodes"]
+        policies = {name: (lambda name=name: load_pack_policy(pack, name, cfg)) for name in ("medium", "expert")}
+        ref_max_policy = policies["expert"]
+    else:
+        # 1. the learner
+        recording, checkpoints, info = train_learner(cfg, folder / "policies")
+        report.update(info)
+        report["trained_steps"] = checkpoints[-1][0]  # SB3 rounds up to whole rollouts
+        policy = lambda path: load_policy(path, cfg.algorithm, cfg.env_id, cfg.deterministic, cfg.library)
 
-    # 2. every checkpoint (and the final policy) evaluated; the expert
-    if cfg.expert not in ("best", "final"):
-        raise CollectError(f"expert must be 'best' or 'final', got {cfg.expert!r}")
-    evals = []
-    for step, path in tqdm(checkpoints, desc=f"{cfg.name}: evaluate checkpoints", leave=False):
-        eps = _evaluate(cfg, policy(path), cfg.checkpoint_eval_episodes,
-                        cfg.seed + SEED_OFFSETS["checkpoints"])
-        evals.append({"step": step, "path": str(path), **_stats(eps)})
-    report["checkpoints"] = evals[:-1]
-    report["final_eval"] = evals[-1]
-    chosen = max(evals, key=lambda e: e["return_mean"]) if cfg.expert == "best" else evals[-1]
-    expert_step, expert_path = chosen["step"], Path(chosen["path"])
-    report["expert"] = {"rule": ("the checkpoint or final policy with the highest mean return over "
-                                 f"{cfg.checkpoint_eval_episodes} episodes" if cfg.expert == "best" else "the final policy"),
-                        "step": expert_step, "eval_return_mean": chosen["return_mean"],
-                        "final_step": evals[-1]["step"], "final_eval_return_mean": evals[-1]["return_mean"]}
+        # 2. every checkpoint (and the final policy) evaluated; the expert
+        if cfg.expert not in ("best", "final"):
+            raise CollectError(f"expert must be 'best' or 'final', got {cfg.expert!r}")
+        evals = []
+        for step, path in tqdm(checkpoints, desc=f"{cfg.name}: evaluate checkpoints", leave=False):
+            eps = _evaluate(cfg, policy(path), cfg.checkpoint_eval_episodes,
+                            cfg.seed + SEED_OFFSETS["checkpoints"])
+            evals.append({"step": step, "path": str(path), **_stats(eps)})
+        report["checkpoints"] = evals[:-1]
+        report["final_eval"] = evals[-1]
+        chosen = max(evals, key=lambda e: e["return_mean"]) if cfg.expert == "best" else evals[-1]
+        expert_step, expert_path = chosen["step"], Path(chosen["path"])
+        report["expert"] = {"rule": ("the checkpoint or final policy with the highest mean return over "
+                                     f"{cfg.checkpoint_eval_episodes} episodes" if cfg.expert == "best" else "the final policy"),
+                            "step": expert_step, "eval_return_mean": chosen["return_mean"],
+                            "final_step": evals[-1]["step"], "final_eval_return_mean": evals[-1]["return_mean"]}
+        ref_max_policy = lambda: policy(expert_path)
 
     # 3. references, and the medium checkpoint
     ref_min_eps = _evaluate(cfg, random_policy(cfg.env_id, cfg.seed + SEED_OFFSETS["ref_min"]),
                             cfg.ref_episodes, cfg.seed + SEED_OFFSETS["ref_min"], "ref_min (random)")
-    ref_max_eps = _evaluate(cfg, policy(expert_path), cfg.ref_episodes,
+    ref_max_eps = _evaluate(cfg, ref_max_policy(), cfg.ref_episodes,
                             cfg.seed + SEED_OFFSETS["ref_max"], "ref_max (expert)")
     ref_min = _stats(ref_min_eps)["return_mean"]
     ref_max = _stats(ref_max_eps)["return_mean"]
@@ -514,18 +642,22 @@ def collect(cfg: CollectConfig) -> dict:
             f"returns {ref_max:.1f}, no better than the random policy's {ref_min:.1f}, so normalized "
             f"scores would be meaningless; no dataset written. Train longer (a larger --steps "
             f"continues this learner) or change the learner's settings")
-    target = ref_min + cfg.medium_fraction * (ref_max - ref_min)
-    before = [e for e in evals if e["step"] < expert_step]  # medium-replay: the learner's data up to it
-    medium = min(before, key=lambda e: abs(e["return_mean"] - target)) if before else \
-        {"step": expert_step, "path": str(expert_path), "return_mean": ref_max}
-    shutil.copy(medium["path"], folder / "policies" / "medium.zip")
-    if cfg.normalize:
-        shutil.copy(_vecnormalize_path(Path(medium["path"])),
-                    _vecnormalize_path(folder / "policies" / "medium.zip"))
-    report["medium"] = {"rule": f"checkpoint before the expert whose mean return is closest to ref_min + "
-                                f"{cfg.medium_fraction:.3g} * (ref_max - ref_min)",
-                        "target_return": target, "step": medium["step"],
-                        "eval_return_mean": medium["return_mean"]}
+    if not cfg.from_pack:
+        target = ref_min + cfg.medium_fraction * (ref_max - ref_min)
+        before = [e for e in evals if e["step"] < expert_step]  # medium-replay: the learner's data up to it
+        medium = min(before, key=lambda e: abs(e["return_mean"] - target)) if before else \
+            {"step": expert_step, "path": str(expert_path), "return_mean": ref_max}
+        shutil.copy(medium["path"], folder / "policies" / "medium.zip")
+        if cfg.normalize:
+            shutil.copy(_vecnormalize_path(Path(medium["path"])),
+                        _vecnormalize_path(folder / "policies" / "medium.zip"))
+        report["medium"] = {"rule": f"checkpoint before the expert whose mean return is closest to ref_min + "
+                                    f"{cfg.medium_fraction:.3g} * (ref_max - ref_min)",
+                            "target_return": target, "step": medium["step"],
+                            "eval_return_mean": medium["return_mean"]}
+        policies = {"medium": lambda: policy(folder / "policies" / "medium.zip"),
+                    "expert": lambda: policy(expert_path)}
+        replay = None
 
     # 4. the tiers
     def roll(name, pol):
@@ -539,14 +671,13 @@ def collect(cfg: CollectConfig) -> dict:
     tier_seconds = {}
     needed = set(cfg.tiers) | ({"medium", "expert"} if "medium-expert" in cfg.tiers else set())
     for name, make in (("random", lambda: random_policy(cfg.env_id, cfg.seed + SEED_OFFSETS["random"])),
-                       ("medium", lambda: policy(folder / "policies" / "medium.zip")),
-                       ("expert", lambda: policy(expert_path))):
+                       ("medium", policies["medium"]), ("expert", policies["expert"])):
         if name in needed:
             t = time.perf_counter()
             data[name] = roll(name, make())
             tier_seconds[name] = time.perf_counter() - t
     if "medium-replay" in cfg.tiers:
-        data["medium-replay"] = recording.episodes_until(medium["step"])
+        data["medium-replay"] = replay if replay is not None else recording.episodes_until(report["medium"]["step"])
     if "medium-expert" in cfg.tiers:
         data["medium-expert"] = data["medium"] + data["expert"]
 

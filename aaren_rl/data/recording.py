@@ -117,22 +117,27 @@ class RecordingVecEnv(VecEnvWrapper):
         self.num_steps = int(snapshot["num_steps"])
 
     def episodes_until(self, step: int) -> list[RawEpisode]:
-        """Everything seen in the first ``step`` env steps, by episode start; episodes running at
-        that moment are cut there (truncated)."""
-        n = self.num_envs
-        kept = []
-        running = [p for p in (self.recorder.partial(i) for i in range(n)) if p is not None]
-        for ep in sorted(self.episodes + running, key=lambda e: e.first_step):
-            if ep.first_step >= step:
-                continue
-            # Step j of an episode happens during vector step first_step / n + j, which is
-            # complete once (first_step / n + j + 1) * n env steps have been taken.
-            seen = (step - ep.first_step) // n
-            if seen >= len(ep):
-                kept.append(ep)
-            elif seen > 0:
-                kept.append(ep.cut(seen))
-        return kept
+        """Everything seen in the first ``step`` env steps (:func:`episodes_until`), the episodes
+        running now included."""
+        running = [p for p in (self.recorder.partial(i) for i in range(self.num_envs)) if p is not None]
+        return episodes_until(self.episodes + running, step, self.num_envs)
+
+
+def episodes_until(episodes: list[RawEpisode], step: int, n_envs: int) -> list[RawEpisode]:
+    """What a learner with ``n_envs`` envs saw in its first ``step`` env steps, by episode start;
+    episodes running at that moment are cut there (truncated)."""
+    kept = []
+    for ep in sorted(episodes, key=lambda e: e.first_step):
+        if ep.first_step >= step:
+            continue
+        # Step j of an episode happens during vector step first_step / n + j, which is
+        # complete once (first_step / n + j + 1) * n env steps have been taken.
+        seen = (step - ep.first_step) // n_envs
+        if seen >= len(ep):
+            kept.append(ep)
+        elif seen > 0:
+            kept.append(ep.cut(seen))
+    return kept
 
 
 def rollout(env_id: str, policy, *, episodes: int, min_steps: int = 0, seed: int = 0,
