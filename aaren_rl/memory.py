@@ -50,22 +50,21 @@ def env_id(distance: int) -> str:
 class MemoryLength(gym.Env):
     """bsuite's ``MemoryChain(memory_length, num_bits=1)`` as a gymnasium env: flat float32
     observations ``[1 - t/L, query, context]`` and Discrete(2) actions. ``reset(seed=...)``
-    reseeds bsuite's generator from gymnasium's, so a seeded sequence of episodes repeats."""
+    reseeds bsuite's generator from gymnasium's, so a seeded sequence of episodes repeats.
+
+    bsuite is imported at the first ``reset``: making the env for its spaces (what loading a
+    dataset and training do) works without it, so a training machine needs no bsuite."""
 
     metadata = {"render_modes": []}
 
     def __init__(self, memory_length: int | None = None, render_mode=None):
-        try:
-            from bsuite.environments.memory_chain import MemoryChain
-        except ImportError as e:
-            raise ImportError("the memory task needs bsuite: pip install 'aaren-rl[memory]'") from e
         if memory_length is None:
             raise ValueError("memory_length is required: gym.make('aaren_rl.memory:MemoryLength-v0', "
                              f"memory_length=L), or one of {[env_id(d) for d in DISTANCES]}")
         if isinstance(memory_length, bool) or not isinstance(memory_length, (int, np.integer)) or memory_length < 1:
             raise ValueError(f"memory_length must be a positive integer, got {memory_length!r}")
         self.memory_length = int(memory_length)
-        self._env = MemoryChain(self.memory_length, num_bits=1, seed=0)
+        self._env = None  # bsuite's MemoryChain, made at the first reset
         self.observation_space = gym.spaces.Box(np.array([0.0, 0.0, -1.0], np.float32),
                                                 np.array([1.0, 1.0, 1.0], np.float32), dtype=np.float32)
         self.action_space = gym.spaces.Discrete(2)
@@ -73,6 +72,13 @@ class MemoryLength(gym.Env):
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
+        if self._env is None:
+            try:
+                from bsuite.environments.memory_chain import MemoryChain
+            except ImportError as e:
+                raise ImportError("the memory task needs bsuite to run episodes: "
+                                  "pip install 'aaren-rl[memory]'") from e
+            self._env = MemoryChain(self.memory_length, num_bits=1, seed=0)
         # bsuite draws each episode's context from its own RandomState: derive it from gymnasium's
         # generator, so that reset(seed=s) and the resets after it are reproducible
         self._env._rng = np.random.RandomState(int(self.np_random.integers(2**31)))

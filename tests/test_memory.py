@@ -116,12 +116,20 @@ def test_bad_settings_fail_clearly():
         success_rate([])
 
 
-def test_a_missing_bsuite_names_the_extra(monkeypatch):
+def test_a_missing_bsuite_names_the_extra_and_training_does_without_it(monkeypatch, tmp_path):
     import sys
 
+    from aaren_rl.data import load_dataset
+    from aaren_rl.memory import collect_datasets
+
+    rep = collect_datasets(tmp_path, 50, episodes=4, seed=0)
     monkeypatch.setitem(sys.modules, "bsuite.environments.memory_chain", None)
+    env = gym.make(ENV_ID, memory_length=3)  # its spaces, for a dataset's loading and training
+    assert env.action_space == gym.spaces.Discrete(2) and env.observation_space.shape == (3,)
+    ds = load_dataset(rep["tiers"]["expert"]["hdf5"])
+    assert ds.discrete and ds.action_dim == 2
     with pytest.raises(ImportError, match=r"pip install 'aaren-rl\[memory\]'"):
-        gym.make(ENV_ID, memory_length=3)
+        env.reset(seed=0)  # running episodes needs bsuite
 
 
 def test_datasets_tiers_and_a_discrete_agent_trains_on_them(tmp_path):
