@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -421,3 +422,42 @@ def test_cli_pack_and_from_pack(tmp_path, capsys):
     with pytest.raises(collect_module.CollectError, match="no finished collection"):
         collect_module.write_pack(tmp_path / "empty", tmp_path / "p2")
     assert not (tmp_path / "p2").exists()
+
+
+def test_slim_hdf5_loads_to_the_same_episodes_and_concatenates_medium_expert(tmp_path):
+    import subprocess
+    import sys
+
+    import h5py
+
+    from aaren_rl.data.writers import slim_hdf5
+
+    cfg = CollectConfig(out_dir=str(tmp_path / "out"), hdf5=True, **TINY)
+    collect(cfg)
+    src = lambda tier: cfg.folder / f"{tier}.hdf5"
+    slim = slim_hdf5(src("medium"), tmp_path / "carry" / "medium.hdf5")
+    with h5py.File(slim) as f:
+        assert "next_observations" not in f and f["observations"].compression_opts == 9
+        assert f.attrs["tier"] == "medium"
+    both = slim_hdf5([src("medium"), src("expert")], tmp_path / "carry" / "medium-expert.hdf5")
+    for a, b in ((src("medium"), slim), (src("medium-expert"), both)):
+        da, db = load_dataset(a), load_dataset(b)
+        assert (da.num_episodes, da.num_steps, da.ref_max_score) == (db.num_episodes, db.num_steps, db.ref_max_score)
+        for x, y in zip(da.episodes, db.episodes):
+            np.testing.assert_array_equal(x.observations, y.observations)
+            np.testing.assert_array_equal(x.actions, y.actions)
+            assert (x.terminated, x.truncated) == (y.terminated, y.truncated)
+    # files of different collections are not mixed; the script says so and writes nothing
+    other = tmp_path / "other.hdf5"
+    with h5py.File(src("random")) as f, h5py.File(other, "w") as g:
+        for k in ("observations", "actions", "rewards", "terminals", "timeouts"):
+            g[k] = f[k][()]
+        g.attrs["env_id"], g.attrs["ref_max_score"] = "Pendulum-v1", 123.0
+    script = [sys.executable, "scripts/slim_hdf5.py"]
+    import aaren_rl
+
+    root = Path(aaren_rl.__file__).parents[1]
+    r = subprocess.run(script + [str(src("medium")), str(other), str(tmp_path / "x.hdf5")], cwd=root,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "only files of one collection" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.hdf5").exists() and not (tmp_path / "x.hdf5.partial").exists()
