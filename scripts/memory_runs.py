@@ -8,7 +8,9 @@ of K = 20 steps x 40, or 16 whole episodes), the same width and optimizer; each 
 once at the end on the same episodes (seeds 20000 + i), conditioned on the expert's return, and
 its success rate (the scored last action right) is reported next to the expert's and chance's.
 ``--stage train`` only trains (e.g. on a GPU machine without bsuite) and ``--stage evaluate`` then
-evaluates the run folders it left under ``--out``, giving the JSON a whole run gives.
+evaluates the run folders it left under ``--out``, giving the JSON a whole run gives. ``--group``
+trains each agent's seeds as one batched group (``aaren-rl train --seeds``; each run as it is
+alone, up to the dropout masks' draw on CUDA), in OUT/dD/AGENT/sSEED instead of OUT/dD/AGENT-sSEED.
 """
 
 import argparse
@@ -107,6 +109,9 @@ if __name__ == "__main__":
                    help="train and evaluate each run (all), only train it (train: e.g. on a GPU machine without "
                         "bsuite), or only evaluate the run folders a train stage left under --out (evaluate) "
                         "(default: all)")
+    p.add_argument("--group", action="store_true",
+                   help="train each agent's seeds together as one batched group (one process, one model "
+                        "update for all seeds; cheaper on a GPU for these small models) (default: one run at a time)")
     p.add_argument("--table-from", nargs="+", metavar="RUN.json", default=None,
                    help="print the table of saved per-run JSON files and stop (default: train and evaluate)")
     args = p.parse_args()
@@ -148,33 +153,52 @@ if __name__ == "__main__":
                "return_mean": res["return_mean"], "episodes": res["episodes"], "train_seconds": trained["train_seconds"],
                "eval_seconds": time.perf_counter() - t0, "settings": trained["settings"], "batch_size": AGENTS[agent],
                "target_return": report["ref_max_score"], "eval_seed": f"{EVAL_SEED} + i",
-               "train_device": trained["train_device"], "eval_device": "cpu"}
+               "train_device": trained["train_device"], "eval_device": "cpu",
+               "group_runs": trained.get("group_runs", 1)}
         write_json(Path(args.results) / f"d{args.distance}_{agent}_s{seed}.json", out)
         print(f"{agent} seed {seed}: success {res['success_rate']:.2f} (return {res['return_mean']:.2f}), "
               f"train {trained['train_seconds']:.0f} s", flush=True)
         return out
 
     rows, run_settings = [], settings(args.lr) + [f"train.compile={args.compile}"] + args.set
+    solo_dir = lambda agent, seed: Path(args.out) / f"d{args.distance}" / f"{agent}-s{seed}"
+    group_dir = lambda agent: Path(args.out) / f"d{args.distance}" / agent
+    common = ["--dataset", str(dataset), "--updates", str(args.updates), "--eval-every", "0", "--eval-episodes", "0",
+              "--checkpoint-every", str(args.updates), "--device", args.device, "--threads", str(args.threads),
+              "--no-progress"]
     for agent in args.agents:
-        for seed in args.seeds:
-            run = Path(args.out) / f"d{args.distance}" / f"{agent}-s{seed}"
-            if args.stage == "evaluate":
+        flags = ["--set", *run_settings, f"train.batch_size={AGENTS[agent]}"]
+        if args.stage == "evaluate":
+            for seed in args.seeds:
+                run = next((r for r in (solo_dir(agent, seed), group_dir(agent) / f"s{seed}")
+                            if (r / "memory_run.json").exists()), solo_dir(agent, seed))
                 try:
                     trained = json.loads((run / "memory_run.json").read_text())
                 except (OSError, ValueError) as e:
                     sys.exit(f"error: no trained run at {run} ({e}); run the train stage first")
                 rows.append(evaluate_run(run, agent, seed, trained))
-                continue
+            continue
+        record = lambda seconds, n: {"train_seconds": seconds, "train_device": args.device, "updates": args.updates,
+                                     "settings": run_settings, "train_episodes": report["tiers"][args.tier]["episodes"],
+                                     "dataset": str(dataset), "group_runs": n}
+        if args.group:
             t0 = time.perf_counter()
-            cli(["train", "--agent", agent, "--dataset", str(dataset), "--updates", str(args.updates), "--seed", str(seed),
-                 "--eval-every", "0", "--eval-episodes", "0", "--checkpoint-every", str(args.updates), "--device", args.device,
-                 "--threads", str(args.threads), "--logdir", str(run), "--no-progress",
-                 "--set", *run_settings, f"train.batch_size={AGENTS[agent]}"])
-            trained = {"train_seconds": time.perf_counter() - t0, "train_device": args.device,
-                       "updates": args.updates, "settings": run_settings,
-                       "train_episodes": report["tiers"][args.tier]["episodes"], "dataset": str(dataset)}
-            write_json(run / "memory_run.json", trained)
-            if args.stage == "all":
-                rows.append(evaluate_run(run, agent, seed, trained))
+            cli(["train", "--agent", agent, "--seeds", *map(str, args.seeds), "--logdir", str(group_dir(agent)),
+                 *common, *flags])
+            runs = [(seed, group_dir(agent) / f"s{seed}") for seed in args.seeds]
+            trained_all = record(time.perf_counter() - t0, len(args.seeds))  # the group's wall time
+            for seed, run in runs:
+                write_json(run / "memory_run.json", trained_all)
+        else:
+            runs = []
+            for seed in args.seeds:
+                run = solo_dir(agent, seed)
+                t0 = time.perf_counter()
+                cli(["train", "--agent", agent, "--seed", str(seed), "--logdir", str(run), *common, *flags])
+                write_json(run / "memory_run.json", record(time.perf_counter() - t0, 1))
+                runs.append((seed, run))
+        if args.stage == "all":
+            for seed, run in runs:
+                rows.append(evaluate_run(run, agent, seed, json.loads((run / "memory_run.json").read_text())))
     if rows:
         print("\n" + table(rows))

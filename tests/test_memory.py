@@ -221,3 +221,34 @@ def test_memory_runs_train_then_evaluate_equals_one_run(tmp_path):
     bad = subprocess.run([sys.executable, script, *common, "--out", str(tmp_path / "none"), "--stage", "evaluate"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "run the train stage first" in bad.stderr
+
+
+def test_memory_runs_group_trains_the_seeds_together_as_they_train_alone(tmp_path):
+    """--group: each agent's seeds in one batched process; each run scores as it does alone (CPU)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from aaren_rl.memory import collect_datasets
+
+    collect_datasets(tmp_path / "data", 50, episodes=20, seed=0)
+    script = str(Path(__file__).parents[1] / "scripts" / "memory_runs.py")
+    common = ["--data", str(tmp_path / "data"), "--distance", "50", "--agents", "decision_aaren_episode", "--seeds", "0", "1",
+              "--updates", "3", "--eval-episodes", "10", "--set", "train.batch_size=2"]
+
+    def run(out, *extra):
+        subprocess.run([sys.executable, script, *common, "--out", str(tmp_path / out), "--results",
+                        str(tmp_path / ("r" + out)), *extra], capture_output=True, text=True, check=True)
+        return {s: json.loads((tmp_path / ("r" + out) / f"d50_decision_aaren_episode_s{s}.json").read_text()) for s in (0, 1)}
+
+    solo, grouped = run("solo"), run("group", "--group")
+    assert (tmp_path / "group" / "d50" / "decision_aaren_episode" / "s1" / "checkpoints").is_dir()
+    for s in (0, 1):
+        assert grouped[s]["group_runs"] == 2 and solo[s]["group_runs"] == 1
+        assert grouped[s]["success_rate"] == solo[s]["success_rate"]
+        assert grouped[s]["return_mean"] == solo[s]["return_mean"]
+    # the evaluate stage finds a group's run folders
+    staged = run("group", "--group", "--stage", "evaluate")
+    for s in (0, 1):
+        assert staged[s]["success_rate"] == grouped[s]["success_rate"]
