@@ -367,7 +367,9 @@ def _load_minari(dataset_id: str, env_id: str | None, download: bool) -> Traject
     )
 
 
-def _load_hdf5(path: Path, env_id: str | None) -> TrajectoryDataset:
+def read_hdf5_arrays(path: Path) -> tuple[dict, dict]:
+    """The arrays of :data:`HDF5_REQUIRED_KEYS` and the attributes of a D4RL-format file, unchecked
+    beyond the keys' presence; ValueError / KeyError with the file's name otherwise."""
     import h5py
 
     try:
@@ -383,6 +385,11 @@ def _load_hdf5(path: Path, env_id: str | None) -> TrajectoryDataset:
             )
         data = {k: np.asarray(f[k][()]) for k in HDF5_REQUIRED_KEYS}
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    return data, attrs
+
+
+def _load_hdf5(path: Path, env_id: str | None) -> TrajectoryDataset:
+    data, attrs = read_hdf5_arrays(path)
     n = len(data["rewards"])
     lengths = {k: len(v) for k, v in data.items()}
     if len(set(lengths.values())) != 1:

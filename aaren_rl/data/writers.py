@@ -185,34 +185,25 @@ def write_hdf5(path: str | os.PathLike, episodes: list[RawEpisode], env_id: str,
 
 
 
-# Keys a D4RL-format file needs for training here (next_observations is derivable and left out).
-SLIM_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
-
-
 def slim_hdf5(sources, dest: str | os.PathLike, level: int = 9) -> Path:
-    """Copy one or more D4RL-format HDF5 files into ``dest`` with only :data:`SLIM_KEYS` (no
-    ``next_observations``), gzip ``level`` with shuffle: a smaller file to carry to another machine,
-    which loads to the same episodes. Several sources are concatenated in order (medium then
-    expert is the medium-expert tier); their attributes (env id, references) must agree, and
-    ``tier`` is dropped when they name different tiers. All or nothing, like :func:`write_hdf5`."""
+    """Copy one or more D4RL-format HDF5 files into ``dest`` with only the keys training reads
+    (``HDF5_REQUIRED_KEYS``: no ``next_observations``), gzip ``level`` with shuffle: a smaller file
+    to carry to another machine, which loads to the same episodes. Several sources are
+    concatenated in order (medium then expert is the medium-expert tier); their attributes (env
+    id, references) must agree, and ``tier`` is dropped when they name different tiers. All or
+    nothing, like :func:`write_hdf5`."""
     import h5py
+
+    from .dataset import HDF5_REQUIRED_KEYS, read_hdf5_arrays
 
     sources = [Path(s) for s in ([sources] if isinstance(sources, (str, os.PathLike)) else sources)]
     if not sources:
         raise ValueError("slim_hdf5 needs at least one source file")
-    arrays, attrs = {k: [] for k in SLIM_KEYS}, None
+    arrays, attrs = {k: [] for k in HDF5_REQUIRED_KEYS}, None
     for src in sources:
-        try:
-            f = h5py.File(src, "r")
-        except OSError as e:
-            raise ValueError(f"{src} is not a readable HDF5 file: {e}") from None
-        with f:
-            missing = [k for k in SLIM_KEYS if k not in f]
-            if missing:
-                raise KeyError(f"{src}: missing key(s) {missing}; a D4RL-format file needs {list(SLIM_KEYS)}")
-            for k in SLIM_KEYS:
-                arrays[k].append(np.asarray(f[k][()]))
-            these = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        data, these = read_hdf5_arrays(src)
+        for k in HDF5_REQUIRED_KEYS:
+            arrays[k].append(data[k])
         if attrs is None:
             attrs = these
             continue
@@ -228,7 +219,7 @@ def slim_hdf5(sources, dest: str | os.PathLike, level: int = 9) -> Path:
     partial = dest.with_name(dest.name + ".partial")
     try:
         with h5py.File(partial, "w") as f:
-            for k in SLIM_KEYS:
+            for k in HDF5_REQUIRED_KEYS:
                 f.create_dataset(k, data=np.concatenate(arrays[k]), compression="gzip",
                                  compression_opts=level, shuffle=True)
             for key, value in attrs.items():
