@@ -154,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
                   "not redone (--force rebuilds its datasets)")
             summary.append({"env_id": cfg.env_id, "report": str(cfg.folder / "report.json")})
             continue
-        print(f"\n{cfg.env_id}: trained {cfg.steps} steps in {report['train_seconds']:.0f} s, "
+        trained = report.get("trained_steps", cfg.steps)  # a build stopped early (--steps) or read from a pack
+        print(f"\n{cfg.env_id}: trained {trained} steps in {report['train_seconds']:.0f} s, "
               f"total {report['total_seconds']:.0f} s; ref_min {report['ref_min_score']:.1f}, "
               f"ref_max {report['ref_max_score']:.1f}; medium = checkpoint at step "
               f"{report['medium']['step']}")
