@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -396,6 +397,35 @@ def test_sbx_pack_keeps_only_the_actors_and_rebuilds_the_same_tiers(tmp_path):
                      "medium_replay.npz", "pack.json"]
     saved = (cfg.folder / "policies" / "medium.zip").stat().st_size
     assert (pack / "medium_actor.msgpack").stat().st_size < saved / 3
+    # one training env: the medium-replay experience is kept as actions only, and made again by
+    # replaying them (the round trip above built the same tiers from it)
+    with np.load(pack / "medium_replay.npz") as z:
+        assert "observations" not in z and "rewards" not in z and int(z["replay_seed"]) == cfg.seed
+    with pytest.raises(collect_module.CollectError, match="env id"):
+        collect_module.load_episodes(pack / "medium_replay.npz")
+
+
+def test_replays_exactly_only_from_the_seed_that_recorded(tmp_path):
+    env = gym.make("Pendulum-v1")
+    rng, episodes = np.random.default_rng(0), []
+    for i in range(3):
+        obs, _ = env.reset(seed=7) if i == 0 else env.reset()
+        xs, acts, rews = [obs], [], []
+        for _ in range(20 + i):
+            a = rng.uniform(-2, 2, size=1).astype(np.float32)
+            obs, r, *_ = env.step(a)
+            xs.append(obs), acts.append(a), rews.append(r)
+        episodes.append(RawEpisode(np.asarray(xs), np.asarray(acts), np.asarray(rews), False, False, 0))
+    assert collect_module.replays_exactly("Pendulum-v1", episodes, 7)
+    assert not collect_module.replays_exactly("Pendulum-v1", episodes, 8)
+    path = tmp_path / "eps.npz"
+    collect_module.save_episodes(path, {"episodes": episodes, "num_steps": 63}, replay_seed=7)
+    again = collect_module.load_episodes(path, "Pendulum-v1")
+    assert again["num_steps"] == 63 and len(again["episodes"]) == 3
+    for x, y in zip(again["episodes"], episodes):
+        np.testing.assert_array_equal(x.observations, y.observations.astype(np.float32))
+        np.testing.assert_array_equal(x.rewards, y.rewards.astype(np.float32).astype(np.float64))
+        np.testing.assert_array_equal(x.actions, y.actions)
 
 
 def test_cli_pack_and_from_pack(tmp_path, capsys):

@@ -265,17 +265,22 @@ class LearnerState:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def save_episodes(path: Path, snapshot: dict) -> None:
-    """A recording snapshot (``RecordingVecEnv.snapshot``) as one compressed npz, float32."""
+def save_episodes(path: Path, snapshot: dict, replay_seed: int | None = None) -> None:
+    """A recording snapshot (``RecordingVecEnv.snapshot``) as one compressed npz, float32. With
+    ``replay_seed`` the observations and rewards are left out: :func:`load_episodes` makes them
+    again by replaying the actions (:func:`replay_episodes`; the caller has checked that it can)."""
     eps = snapshot["episodes"]
     cat = lambda key, dtype=np.float32: (np.concatenate([getattr(e, key) for e in eps]).astype(dtype)
                                         if eps else np.zeros(0, dtype))
+    arrays = {} if replay_seed is not None else {"observations": cat("observations"), "rewards": cat("rewards")}
+    if replay_seed is not None:
+        arrays["replay_seed"] = np.array(replay_seed, np.int64)
     partial = path.with_name(path.name + ".partial")
     with open(partial, "wb") as f:
         np.savez_compressed(
-            f, observations=cat("observations"),
+            f, **arrays,
             actions=cat("actions", np.float32 if eps and eps[0].actions.dtype.kind == "f" else np.int64),
-            rewards=cat("rewards"), lengths=np.array([len(e) for e in eps], np.int64),
+            lengths=np.array([len(e) for e in eps], np.int64),
             terminated=np.array([e.terminated for e in eps], bool),
             truncated=np.array([e.truncated for e in eps], bool),
             first_step=np.array([e.first_step for e in eps], np.int64),
@@ -283,14 +288,52 @@ def save_episodes(path: Path, snapshot: dict) -> None:
     os.replace(partial, path)
 
 
-def load_episodes(path: Path) -> dict:
+def replay_episodes(env_id: str, actions: list[np.ndarray], seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(observations, rewards) of each episode made again by stepping its recorded actions in one
+    fresh env, its first reset seeded with ``seed`` and the later ones not, as the learner's single
+    training env ran; rounded through float32 as :func:`save_episodes` stores them."""
+    env = gym.make(env_id)
+    out = []
+    try:
+        for i, acts in enumerate(actions):
+            obs, _ = env.reset(seed=seed) if i == 0 else env.reset()
+            xs, rs = [obs], []
+            for a in acts:
+                obs, r, *_ = env.step(a)
+                xs.append(obs)
+                rs.append(r)
+            out.append((np.asarray(xs, np.float32), np.asarray(rs, np.float32).astype(np.float64)))
+    finally:
+        env.close()
+    return out
+
+
+def replays_exactly(env_id: str, episodes: list[RawEpisode], seed: int) -> bool:
+    """Whether :func:`replay_episodes` gives back these episodes' observations and rewards to the bit."""
+    again = replay_episodes(env_id, [e.actions for e in episodes], seed)
+    return all(np.array_equal(x, np.asarray(e.observations, np.float32))
+               and np.array_equal(r, np.asarray(e.rewards, np.float32).astype(np.float64))
+               for (x, r), e in zip(again, episodes))
+
+
+def load_episodes(path: Path, env_id: str | None = None) -> dict:
+    """What :func:`save_episodes` wrote; a file written with ``replay_seed`` needs ``env_id``."""
     with np.load(path) as z:
-        obs, act, rew = z["observations"], z["actions"], z["rewards"]
-        episodes, o, a = [], 0, 0
-        for T, term, trunc, first in zip(z["lengths"], z["terminated"], z["truncated"], z["first_step"]):
-            episodes.append(RawEpisode(obs[o:o + T + 1], act[a:a + T], rew[a:a + T].astype(np.float64),
-                                       bool(term), bool(trunc), int(first)))
-            o, a = o + T + 1, a + T
+        act, lengths = z["actions"], z["lengths"]
+        bounds = np.concatenate([[0], np.cumsum(lengths)])
+        actions = [act[bounds[i]:bounds[i + 1]] for i in range(len(lengths))]
+        if "observations" in z:
+            obs, rew = z["observations"], z["rewards"]
+            made = [(obs[bounds[i] + i:bounds[i + 1] + i + 1], rew[bounds[i]:bounds[i + 1]].astype(np.float64))
+                    for i in range(len(lengths))]
+        elif env_id is None:
+            raise CollectError(f"{path} keeps actions only; its observations are made again in the env "
+                               "it was recorded in, so give its env id")
+        else:
+            made = replay_episodes(env_id, actions, int(z["replay_seed"]))
+        episodes = [RawEpisode(x, a, r, bool(term), bool(trunc), int(first))
+                    for (x, r), a, term, trunc, first in zip(made, actions, z["terminated"], z["truncated"],
+                                                             z["first_step"])]
         return {"episodes": episodes, "num_steps": int(z["num_steps"])}
 
 
@@ -439,7 +482,7 @@ def train_learner(cfg: CollectConfig, policies_dir: Path, log=print):
 
 # ---------------------------------------------------------------------------------- packs
 
-PACK_VERSION = 1
+PACK_VERSION = 2  # 2: medium_replay.npz may keep the actions only (replay_seed); 1 is read too
 
 
 def _save_pack_policy(model_path: Path, cfg: CollectConfig, dest: Path, name: str) -> None:
@@ -519,7 +562,12 @@ def write_pack(folder: Path, dest: Path) -> Path:
     _save_pack_policy(expert_path, cfg, tmp, "expert")
     _save_pack_policy(medium_path, cfg, tmp, "medium")
     replay = episodes_until(load_episodes(recording)["episodes"], report["medium"]["step"], cfg.n_envs)
-    save_episodes(tmp / "medium_replay.npz", {"episodes": replay, "num_steps": report["medium"]["step"]})
+    # One env whose recorded actions, replayed from the learner's env seed, give back every
+    # observation and reward to the bit (MuJoCo and classic control are deterministic): keep the
+    # actions only (Walker2d's 280k steps: 24.6 MB -> about a quarter). Otherwise keep everything.
+    compact = cfg.n_envs == 1 and replays_exactly(cfg.env_id, replay, cfg.seed)
+    save_episodes(tmp / "medium_replay.npz", {"episodes": replay, "num_steps": report["medium"]["step"]},
+                  replay_seed=cfg.seed if compact else None)
     keep = ("trained_steps", "train_seconds", "sessions", "checkpoints", "final_eval", "expert", "medium",
             "ref_min_score", "ref_max_score")
     write_json(tmp / "pack.json", {"version": PACK_VERSION, "env_id": cfg.env_id, "name": cfg.name,
@@ -537,8 +585,8 @@ def read_pack(pack: Path, cfg: CollectConfig) -> dict:
     if meta is None:
         raise CollectError(f"{pack} is not a pack (no readable pack.json); write one with "
                            f"aaren-rl collect --env NAME --pack DIR")
-    if meta.get("version") != PACK_VERSION:
-        raise CollectError(f"{pack}: pack version {meta.get('version')!r}, expected {PACK_VERSION}")
+    if meta.get("version") not in (1, PACK_VERSION):
+        raise CollectError(f"{pack}: pack version {meta.get('version')!r}, expected 1 to {PACK_VERSION}")
     if meta["key"] != _resume_key(cfg):
         diff = sorted(k for k in meta["key"] if meta["key"][k] != _resume_key(cfg).get(k))
         raise CollectError(f"{pack} holds a learner of other settings than {cfg.name}'s ({', '.join(diff)} "
@@ -599,7 +647,7 @@ def collect(cfg: CollectConfig) -> dict:
         report.update({k: meta[k] for k in ("trained_steps", "train_seconds", "sessions", "checkpoints",
                                             "final_eval", "expert", "medium")}, resumed_from=None,
                       from_pack=str(pack))
-        replay = load_episodes(pack / "medium_replay.npz")["episodes"]
+        replay = load_episodes(pack / "medium_replay.npz", cfg.env_id)["episodes"]
         policies = {name: (lambda name=name: load_pack_policy(pack, name, cfg)) for name in ("medium", "expert")}
         ref_max_policy = policies["expert"]
     else:
