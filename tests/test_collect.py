@@ -328,6 +328,31 @@ def test_locomotion_suite_presets_are_complete():
     assert config_for("ant", p.parse_args(["--suite", "locomotion"])).d4rl_ref_max == 3879.7
 
 
+def test_ant_without_contact_forces_is_ant_v5_observing_27_numbers():
+    """The Ant preset's env id registers itself on import (gym.make and the CLI's checks accept it)
+    and is Ant-v5 with the contact forces left out of the observation: the same reset state, the
+    same rewards and terminations under the same actions, the first 27 numbers of Ant-v5's
+    observation."""
+    import gymnasium as gym
+
+    from aaren_rl.data.dataset import env_spec
+
+    ant_id = "aaren_rl.locomotion:AntNoContact-v5"
+    assert env_spec(ant_id).max_episode_steps == 1000
+    a, b = gym.make(ant_id), gym.make("Ant-v5")
+    oa, _ = a.reset(seed=7)
+    ob, _ = b.reset(seed=7)
+    assert oa.shape == (27,) and ob.shape == (105,)
+    np.testing.assert_array_equal(oa, ob[:27])
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        act = rng.uniform(-1, 1, size=8)
+        x, y = a.step(act), b.step(act)
+        np.testing.assert_array_equal(x[0], y[0][:27])
+        assert x[1:4] == y[1:4]  # reward, terminated, truncated
+    a.close(), b.close()
+
+
 def test_presets_references_match_the_committed_data_reports():
     """An env preset's ref_min / ref_max are what scores are normalized with (``aaren-rl sweep``
     passes them to every run): they must be the references of the data committed for it."""

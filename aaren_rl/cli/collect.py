@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from aaren_rl.data.collect import CollectError, collect, tiers_table, write_pack
+    from aaren_rl.data.dataset import env_spec
 
     torch.set_num_threads(args.threads)
     if args.pack and args.from_pack:
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     configs = [config_for(name, args) for name in names]  # check every preset before any training
     for cfg in configs:
         try:
-            gym.spec(cfg.env_id)
+            env_spec(cfg.env_id)
         except gym.error.Error:
             raise SystemExit(f"error: {cfg.env_id!r} is neither an env preset "
                              f"({', '.join(available('envs'))}) nor a gymnasium environment id")

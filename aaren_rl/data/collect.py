@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from ..output import write_json
 from .recording import RawEpisode, RecordingVecEnv, episodes_until, rollout
+from .dataset import env_spec
 from .writers import (clean_stale_staging, minari_dataset_exists, minari_root, publish_minari,
                       stage_minari, write_hdf5)
 
@@ -616,7 +617,7 @@ def collect(cfg: CollectConfig) -> dict:
     unknown = set(cfg.tiers) - set(TIERS)
     if unknown:
         raise CollectError(f"unknown tier(s) {sorted(unknown)}; expected some of {list(TIERS)}")
-    gym.spec(cfg.env_id)  # fail now on an unknown env id or learner, not after training
+    env_spec(cfg.env_id)  # fail now on an unknown env id or learner, not after training
     _algorithm(cfg.algorithm, cfg.library)
     folder = cfg.folder
     clean_stale_staging()  # left by a writer killed with -9
