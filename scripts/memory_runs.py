@@ -112,6 +112,12 @@ if __name__ == "__main__":
     p.add_argument("--group", action="store_true",
                    help="train each agent's seeds together as one batched group (one process, one model "
                         "update for all seeds; cheaper on a GPU for these small models) (default: one run at a time)")
+    p.add_argument("--checkpoint-every", type=positive(int), default=None,
+                   help="also save a checkpoint every N updates, so a run stopped early can go on with --resume "
+                        "(default: only at the end)")
+    p.add_argument("--resume", action="store_true",
+                   help="train stage: continue each run folder from its last checkpoint up to --updates "
+                        "(e.g. after a GPU lease ended) (default: start new run folders)")
     p.add_argument("--table-from", nargs="+", metavar="RUN.json", default=None,
                    help="print the table of saved per-run JSON files and stop (default: train and evaluate)")
     args = p.parse_args()
@@ -140,21 +146,21 @@ if __name__ == "__main__":
 
     def evaluate_run(run, agent, seed, trained):
         """Evaluate a trained run folder as the protocol says; write and return its JSON row."""
-        model, _ = load_checkpoint(run, device="cpu")
+        model, info = load_checkpoint(run, device="cpu")
         policy = StreamingPolicy(model, report["ref_max_score"])
         t0 = time.perf_counter()
         res = evaluate_success(policy, env_id(args.distance), args.eval_episodes, EVAL_SEED)
         out = {"agent": agent, "seed": seed, "task": "bsuite memory_len", "env_id": report["env_id"],
                "cue_distance": args.distance, "memory_length": report["memory_length"], "tier": args.tier,
                "train_episodes": trained.get("train_episodes", report["tiers"][args.tier]["episodes"]),
-               "mode": policy.mode, "updates": trained["updates"], "success_rate": res["success_rate"],
+               "mode": policy.mode, "updates": info["step"], "success_rate": res["success_rate"],
                "expert_success": report["tiers"]["expert"]["success_rate"], "chance_success": CHANCE,
                "random_tier_success": report["tiers"]["random"]["success_rate"],
                "return_mean": res["return_mean"], "episodes": res["episodes"], "train_seconds": trained["train_seconds"],
                "eval_seconds": time.perf_counter() - t0, "settings": trained["settings"], "batch_size": AGENTS[agent],
                "target_return": report["ref_max_score"], "eval_seed": f"{EVAL_SEED} + i",
                "train_device": trained["train_device"], "eval_device": "cpu",
-               "group_runs": trained.get("group_runs", 1)}
+               "group_runs": trained.get("group_runs", 1), "resumed": trained.get("resumed", False)}
         write_json(Path(args.results) / f"d{args.distance}_{agent}_s{seed}.json", out)
         print(f"{agent} seed {seed}: success {res['success_rate']:.2f} (return {res['return_mean']:.2f}), "
               f"train {trained['train_seconds']:.0f} s", flush=True)
@@ -164,8 +170,8 @@ if __name__ == "__main__":
     solo_dir = lambda agent, seed: Path(args.out) / f"d{args.distance}" / f"{agent}-s{seed}"
     group_dir = lambda agent: Path(args.out) / f"d{args.distance}" / agent
     common = ["--dataset", str(dataset), "--updates", str(args.updates), "--eval-every", "0", "--eval-episodes", "0",
-              "--checkpoint-every", str(args.updates), "--device", args.device, "--threads", str(args.threads),
-              "--no-progress"]
+              "--checkpoint-every", str(args.checkpoint_every or args.updates), "--device", args.device,
+              "--threads", str(args.threads), "--no-progress", *(["--resume"] if args.resume else [])]
     for agent in args.agents:
         flags = ["--set", *run_settings, f"train.batch_size={AGENTS[agent]}"]
         if args.stage == "evaluate":
@@ -180,7 +186,8 @@ if __name__ == "__main__":
             continue
         record = lambda seconds, n: {"train_seconds": seconds, "train_device": args.device, "updates": args.updates,
                                      "settings": run_settings, "train_episodes": report["tiers"][args.tier]["episodes"],
-                                     "dataset": str(dataset), "group_runs": n}
+                                     "dataset": str(dataset), "group_runs": n,
+                                     "resumed": args.resume}  # train_seconds: this call's only, when resumed
         if args.group:
             t0 = time.perf_counter()
             cli(["train", "--agent", agent, "--seeds", *map(str, args.seeds), "--logdir", str(group_dir(agent)),
